@@ -1,0 +1,1 @@
+"""A small CNN for iNaturalist 12K in JAX/Flax: training, sweeps, evaluation, guided backprop."""

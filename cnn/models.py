@@ -1,0 +1,94 @@
+"""The reference's CNN in Flax Linen: conv blocks, one hidden dense layer, class logits."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn import activations
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2/stride-2 max pool that drops an odd last row/column, like Keras' MaxPool2D('valid').
+
+  Written as reshape + max because XLA:CPU's select-and-scatter (the gradient of
+  `nn.max_pool`) is several times slower; the forward result is identical.
+  """
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def conv_filters(first_layer_filters: int, filter_org: float, conv_layers: int) -> list[int]:
+  """Filters per block, `int(first_layer_filters * filter_org**i)` as in the reference."""
+  return [int(first_layer_filters * filter_org**i) for i in range(conv_layers)]
+
+
+class CNN(nn.Module):
+  """conv -> [BN] -> act -> maxpool, x len(filters); dense -> [BN] -> act -> dropout -> logits.
+
+  Returns logits; softmax is applied by the loss and by `predict_proba` callers, which is
+  numerically safer than the reference's softmax layer and gives the same probabilities.
+  Post-activation block outputs are sown under 'intermediates' as conv1..convN.
+  """
+
+  filters: tuple[int, ...]
+  kernel_size: int
+  dense_size: int
+  num_classes: int
+  padding: str = 'VALID'
+  batch_norm: bool = False
+  dropout: float = 0.0
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    act = activations.get_activation(self.activation)
+    x = x.astype(self.dtype)  # (B, H, W, 3) in [0, 1]
+    for i, f in enumerate(self.filters):
+      x = nn.Conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
+                  dtype=self.dtype, name=f'conv{i + 1}')(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                         dtype=self.dtype, name=f'bn{i + 1}')(x)
+      x = act(x)
+      self.sow('intermediates', f'conv{i + 1}', x)
+      x = max_pool_2x2(x)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense')(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                       dtype=self.dtype, name='bn_dense')(x)
+    x = act(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(config, num_classes: int) -> CNN:
+  """The CNN described by `config` (fields as in configs/default.py)."""
+  return CNN(
+      filters=tuple(conv_filters(config.first_layer_filters, config.filter_org,
+                                 config.conv_layers)),
+      kernel_size=config.kernel_size,
+      dense_size=config.dense_size,
+      num_classes=num_classes,
+      padding=config.padding.upper(),
+      batch_norm=config.batch_norm,
+      dropout=config.dropout,
+      activation=config.activation,
+      dtype=jnp.dtype(config.dtype),
+  )
+
+
+def init_variables(model: CNN, image_size: int, rng: jax.Array) -> dict:
+  """Parameters (and batch statistics when the model has batch norm) for square RGB input."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(model.init, static_argnames='train')(rng, dummy, train=False)
+  return {k: v for k, v in variables.items() if k != 'intermediates'}
+
+
+def count_parameters(tree) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

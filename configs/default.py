@@ -1,0 +1,59 @@
+"""Every knob of a run, with its default. Other configs start from this one.
+
+Override any field on the command line: `--config.image_size=96`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Data.
+  c.data_dir = 'data/inaturalist_12K'  # holds train/<class>/ and val/<class>/ (val = test set)
+  c.download = True  # fetch and extract `dataset_url` when data_dir does not exist
+  c.dataset_url = 'https://storage.googleapis.com/wandb_datasets/nature_12K.zip'
+  c.cache_dir = ''  # decoded-image cache; '' means $XDG_CACHE_HOME/inat_cnn (~/.cache/inat_cnn)
+  c.holdout_fraction = 0.1  # class-balanced share of train/ held out for validation
+  c.image_size = 256  # images are resized to image_size x image_size
+  c.data_aug = False  # flips, rotation, shift, zoom, brightness inside the jitted train step
+
+  # Model (names as in the reference's sweep).
+  c.conv_layers = 5  # conv -> [BN] -> activation -> 2x2 max-pool blocks
+  c.first_layer_filters = 32  # filters of block 1
+  c.filter_org = 1.0  # block i has int(first_layer_filters * filter_org**i) filters
+  c.kernel_size = 3  # k x k convolutions
+  c.padding = 'VALID'  # VALID (the reference) or SAME
+  c.activation = 'relu'  # relu, gelu, silu, elu, leaky_relu, mish, tanh
+  c.dense_size = 64  # neurons of the hidden dense layer
+  c.batch_norm = False  # batch norm after every conv and the dense layer
+  c.dropout = 0.0  # dropout after the dense layer only, as in the reference
+  c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
+
+  # Optimisation.
+  c.optimizer = 'adam'  # adam, adamw, nadam, sgd (with momentum), rmsprop
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # sgd and rmsprop only
+  c.weight_decay = 1e-4  # adamw only
+  c.batch_size = 32  # global batch, split over all local devices
+  c.eval_batch_size = 128
+  c.num_epochs = 50
+  c.early_stopping_patience = 5  # epochs without a better val accuracy before stopping; 0 = off
+  c.seed = 0  # one seed drives init, hold-out split, shuffling, dropout and augmentation
+
+  # Logging and checkpoints.
+  c.wandb_mode = ''  # online, offline or disabled; '' = online if W&B credentials exist, else offline
+  c.wandb_project = 'inaturalist-cnn'
+  c.wandb_entity = ''  # '' = your default entity
+  c.run_name = ''  # '' = named after the hyperparameters, as the reference did
+  c.checkpoint_every_steps = 0  # extra mid-epoch checkpoints; 0 = only at the end of each epoch
+  c.new_run = False  # allow a workdir that holds a run with another config (old run is kept)
+
+  # Evaluation and guided backprop (--mode=evaluate / guided_bp).
+  c.eval_image_seed = 0  # picks the test image shown in first-layer activations
+  c.guided_bp_image = ''  # image file for guided backprop; '' = a seeded random test image
+  c.guided_bp_layer = 'conv5'  # whose neurons are explained
+  c.guided_bp_channels = ()  # channels to explain; () = the 10 this image activates most
+  c.guided_bp_num_neurons = 10
+  c.guided_bp_method = 'guided'  # guided, vanilla or deconvnet (comparison.png shows all three)
+  return c
