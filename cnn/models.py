@@ -30,7 +30,8 @@ class CNN(nn.Module):
 
   Returns logits; softmax is applied by the loss and by `predict_proba` callers, which is
   numerically safer than the reference's softmax layer and gives the same probabilities.
-  Post-activation block outputs are sown under 'intermediates' as conv1..convN.
+  Each block's post-activation output (before pooling) is sown under 'intermediates' as
+  'conv{i}_act' (a sow may not reuse the conv layer's own name); `block_output` reads it.
   """
 
   filters: tuple[int, ...]
@@ -54,7 +55,7 @@ class CNN(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                          dtype=self.dtype, name=f'bn{i + 1}')(x)
       x = act(x)
-      self.sow('intermediates', f'conv{i + 1}', x)
+      self.sow('intermediates', f'conv{i + 1}_act', x)
       x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense')(x)
@@ -88,6 +89,18 @@ def init_variables(model: CNN, image_size: int, rng: jax.Array) -> dict:
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(model.init, static_argnames='train')(rng, dummy, train=False)
   return {k: v for k, v in variables.items() if k != 'intermediates'}
+
+
+def block_output(model: CNN, variables: dict, images: jax.Array, layer: str) -> jax.Array:
+  """Post-activation output of conv block `layer` ('conv1'..'convN'), (B, H', W', C), inference mode.
+
+  Differentiable with respect to `images`, through whatever activation `model` uses.
+  """
+  _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+  try:
+    return state['intermediates'][f'{layer}_act'][0]
+  except KeyError:
+    raise ValueError(f'no conv block {layer!r}; the model has conv1..conv{len(model.filters)}') from None
 
 
 def count_parameters(tree) -> int:

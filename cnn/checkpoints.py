@@ -1,0 +1,99 @@
+"""The workdir's layout and Orbax save/restore of the latest and the best training state.
+
+    WORKDIR/config.json          the full config of the run
+    WORKDIR/metrics.jsonl        one line per finished epoch
+    WORKDIR/summary.json         written when training ends
+    WORKDIR/checkpoints/latest/  full TrainState + progress (resume from here)
+    WORKDIR/checkpoints/best/    params + batch stats of the best validation epoch
+Orbax writes each checkpoint into a temporary folder and renames it, so a kill mid-write
+leaves the previous checkpoint intact.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def _manager(workdir: str, which: str) -> ocp.CheckpointManager:
+  path = pathlib.Path(workdir).absolute() / 'checkpoints' / which
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def _save(workdir: str, which: str, step: int, tree: Any, meta: dict) -> None:
+  with _manager(workdir, which) as mngr:
+    if step in mngr.all_steps():
+      mngr.delete(step)  # same step again (e.g. a preemption right after an epoch): newest wins
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                             meta=ocp.args.JsonSave(meta)))
+
+
+def _restore(workdir: str, which: str, target: Any = None) -> tuple[Any, dict] | None:
+  with _manager(workdir, which) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return restored.state, restored.meta
+
+
+def save_latest(workdir: str, state: Any, meta: dict) -> None:
+  _save(workdir, 'latest', int(state.step), state, meta)
+
+
+def restore_latest(workdir: str, target: Any) -> tuple[Any, dict] | None:
+  """(state shaped and sharded like `target`, progress meta), or None without a checkpoint."""
+  return _restore(workdir, 'latest', target)
+
+
+def save_best(workdir: str, state: Any, meta: dict) -> None:
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  _save(workdir, 'best', int(state.step), variables, meta)
+
+
+def restore_best(workdir: str) -> tuple[dict, dict]:
+  """({'params', 'batch_stats'} as numpy pytrees, meta with epoch and val_acc) of the best epoch."""
+  restored = _restore(workdir, 'best')
+  if restored is None:
+    raise FileNotFoundError(
+        f'no best checkpoint in {os.path.join(workdir, "checkpoints", "best")}; train first: '
+        f'python main.py --config=configs/optimal.py --workdir={workdir}')
+  return restored
+
+
+def has_checkpoint(workdir: str) -> bool:
+  return (pathlib.Path(workdir) / 'checkpoints' / 'latest').is_dir()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+  """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=2, default=str)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} the workdir of a training run?')
+  config = ml_collections.ConfigDict(read_json(path))
+  if 'guided_bp_channels' in config:
+    config.guided_bp_channels = tuple(config.guided_bp_channels)  # JSON gives a list
+  return config

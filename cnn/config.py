@@ -1,0 +1,93 @@
+"""Checks a config before any data is read or model built, with errors that say how to fix them."""
+
+import ml_collections
+
+from cnn import activations
+from cnn import models
+
+OPTIMIZERS = ('adam', 'adamw', 'nadam', 'sgd', 'rmsprop')
+PADDINGS = ('VALID', 'SAME')
+WANDB_MODES = ('', 'online', 'offline', 'disabled')
+DTYPES = ('float32', 'bfloat16')
+
+# Fields that do not change what a run computes: a workdir may be resumed with other values.
+NON_RUN_FIELDS = frozenset({
+    'data_dir', 'download', 'dataset_url', 'cache_dir', 'wandb_mode', 'wandb_project',
+    'wandb_entity', 'run_name', 'checkpoint_every_steps', 'new_run', 'num_epochs',
+    'early_stopping_patience', 'eval_batch_size', 'eval_image_seed',
+    'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
+    'guided_bp_method',
+})
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message says what to change."""
+
+
+def spatial_sizes(image_size: int, kernel_size: int, padding: str, conv_layers: int) -> list[int]:
+  """Side length after each conv block (conv, then 2x2 pool that drops an odd row)."""
+  sizes, s = [], image_size
+  for _ in range(conv_layers):
+    s = s - kernel_size + 1 if padding.upper() == 'VALID' else s
+    s = s // 2 if s >= 1 else 0
+    sizes.append(s)
+  return sizes
+
+
+def min_image_size(kernel_size: int, padding: str, conv_layers: int) -> int:
+  """Smallest square input whose last block still has at least one pixel."""
+  s = 1
+  while spatial_sizes(s, kernel_size, padding, conv_layers)[-1] < 1:
+    s += 1
+  return s
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot work and how to fix it."""
+  c = config
+  _check(c.padding.upper() in PADDINGS,
+         f'padding={c.padding!r} is not one of {PADDINGS}; use --config.padding=VALID or SAME')
+  _check(c.activation in activations.TRAINABLE_ACTIVATIONS,
+         f'unknown activation {c.activation!r}; known: {", ".join(activations.TRAINABLE_ACTIVATIONS)}')
+  _check(c.optimizer in OPTIMIZERS,
+         f'unknown optimizer {c.optimizer!r}; known: {", ".join(OPTIMIZERS)}')
+  _check(c.dtype in DTYPES, f'dtype={c.dtype!r} is not one of {DTYPES}')
+  _check(c.wandb_mode in WANDB_MODES,
+         f'wandb_mode={c.wandb_mode!r}; use online, offline, disabled or "" (auto)')
+  for name in ('conv_layers', 'kernel_size', 'first_layer_filters', 'dense_size', 'image_size',
+               'batch_size', 'eval_batch_size', 'num_epochs'):
+    _check(isinstance(c[name], int) and c[name] > 0,
+           f'{name}={c[name]!r} must be a positive integer')
+  _check(c.learning_rate > 0, f'learning_rate={c.learning_rate} must be positive, e.g. 1e-3')
+  _check(c.filter_org > 0, f'filter_org={c.filter_org} must be positive (e.g. 0.5, 1 or 2)')
+  _check(0 <= c.dropout < 1, f'dropout={c.dropout} must be in [0, 1), e.g. 0.2')
+  _check(0 < c.holdout_fraction < 1,
+         f'holdout_fraction={c.holdout_fraction} must be in (0, 1), e.g. 0.1')
+  _check(c.early_stopping_patience >= 0,
+         f'early_stopping_patience={c.early_stopping_patience} must be >= 0 (0 turns it off)')
+  filters = models.conv_filters(c.first_layer_filters, c.filter_org, c.conv_layers)
+  _check(min(filters) > 0,
+         f'filters per block {filters}: int({c.first_layer_filters} * {c.filter_org}**i) rounds '
+         f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or filter_org '
+         f'or lower conv_layers')
+  last = spatial_sizes(c.image_size, c.kernel_size, c.padding, c.conv_layers)[-1]
+  smallest = min_image_size(c.kernel_size, c.padding, c.conv_layers)
+  _check(last >= 1,
+         f'image_size={c.image_size} is too small for {c.conv_layers} {c.padding.upper()} blocks of '
+         f'kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. Use '
+         f'--config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
+         f'or --config.padding=SAME')
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+  """config.run_name, else the hyperparameters as the reference named its sweep runs."""
+  if config.run_name:
+    return config.run_name
+  return (f'filters_{config.first_layer_filters}_org_{config.filter_org:g}_aug_{config.data_aug}'
+          f'_bn_{config.batch_norm}_drop_{config.dropout:g}_k_{config.kernel_size}'
+          f'_dense_{config.dense_size}')

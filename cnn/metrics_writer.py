@@ -1,0 +1,94 @@
+"""One place that every epoch's metrics go through: W&B, WORKDIR/metrics.jsonl and the terminal."""
+
+import json
+import logging
+import netrc
+import os
+from typing import Any
+
+import ml_collections
+
+
+def has_wandb_credentials() -> bool:
+  if os.environ.get('WANDB_API_KEY'):
+    return True
+  try:
+    return netrc.netrc().authenticators('api.wandb.ai') is not None
+  except (FileNotFoundError, netrc.NetrcParseError):
+    return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+  """'' means online with credentials, offline without; says which in one line."""
+  if mode:
+    return mode
+  if has_wandb_credentials():
+    print('W&B: credentials found, logging online (--config.wandb_mode=disabled to turn off)')
+    return 'online'
+  print('W&B: no credentials (wandb login), logging offline to WORKDIR/wandb; '
+        'upload later with `wandb sync`')
+  return 'offline'
+
+
+def format_epoch(epoch: int, num_epochs: int, m: dict[str, float]) -> str:
+  return (f'epoch {epoch:3d}/{num_epochs}  train loss {m["train_loss"]:.4f} acc {m["train_acc"]:.4f}'
+          f'  |  val loss {m["val_loss"]:.4f} acc {m["val_acc"]:.4f}'
+          f'  |  {m["images_per_second"]:7.1f} img/s  {m["epoch_time_s"]:6.1f} s')
+
+
+class MetricsWriter:
+  """Appends epochs to metrics.jsonl, logs them to W&B (per wandb_mode) and prints one line."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self._workdir = workdir
+    self._num_epochs = config.num_epochs
+    self._run = None
+    mode = resolve_wandb_mode(config.wandb_mode)
+    if mode != 'disabled':
+      self._run = _init_wandb(config, workdir, mode)
+
+  def write(self, epoch: int, metrics: dict[str, Any]) -> None:
+    with open(os.path.join(self._workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'epoch': epoch, **metrics}) + '\n')
+    print(format_epoch(epoch, self._num_epochs, metrics), flush=True)
+    if self._run is not None:
+      self._run.log({'epoch': epoch, **metrics})
+
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    if self._run is not None:
+      for k, v in summary.items():
+        if isinstance(v, (int, float, str)):
+          self._run.summary[k] = v
+
+  def log_images(self, images: dict[str, str]) -> None:
+    """Logs PNG files by name; a no-op without W&B."""
+    if self._run is not None:
+      import wandb
+      self._run.log({name: wandb.Image(path) for name, path in images.items()})
+
+  def close(self) -> None:
+    if self._run is not None:
+      self._run.finish()
+      self._run = None
+
+
+def _init_wandb(config: ml_collections.ConfigDict, workdir: str, mode: str):
+  """A W&B run that resumes with the workdir; trouble going online falls back to offline."""
+  import wandb
+  id_file = os.path.join(workdir, 'wandb_run_id.txt')
+  kwargs = dict(project=config.wandb_project, entity=config.wandb_entity or None,
+                name=config.run_name or None, config=config.to_dict(), dir=workdir)
+  if not os.environ.get('WANDB_SWEEP_ID'):  # under `wandb agent` the agent picks the run id
+    if not os.path.exists(id_file):
+      with open(id_file, 'w') as f:
+        f.write(wandb.util.generate_id())
+    with open(id_file) as f:
+      kwargs.update(id=f.read().strip(), resume='allow')
+  try:
+    return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
+  except Exception as e:  # no network, bad credentials, server down: never lose the training
+    if mode != 'online':
+      raise
+    logging.warning('W&B online failed (%s); logging offline instead', e)
+    print(f'W&B: going online failed ({type(e).__name__}: {e}); logging offline instead')
+    return wandb.init(mode='offline', **kwargs)

@@ -1,0 +1,82 @@
+"""Entry point: `python main.py --config=configs/optimal.py --workdir=DIR [--mode=MODE]`.
+
+Any config field can be overridden: `--config.image_size=96 --config.wandb_mode=disabled`.
+Modes other than train and count start from a trained workdir and reuse its config.json.
+"""
+
+import importlib
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from cnn import config as config_lib
+
+# mode -> (module, function, needs a trained workdir). Modules are imported on use, so a
+# mode only pays for the libraries it needs. Each function takes (config, workdir, args).
+MODES = {
+    'train': ('cnn.train', 'run_train', False),
+    'evaluate': ('cnn.evaluate', 'run_evaluate', True),
+    'predict': ('cnn.predict', 'run_predict', True),
+    'guided_bp': ('cnn.guided_backprop', 'run_guided_bp', True),
+    'count': ('cnn.count', 'run_count', False),
+    'sweep': ('cnn.sweep', 'run_sweep', False),
+    'sweep_report': ('cnn.sweep_report', 'run_sweep_report', False),
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
+flags.DEFINE_string('workdir', '', 'Where a run keeps everything; default workdirs/<run name>.')
+flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.')
+flags.DEFINE_bool('json', False, 'predict: print JSON instead of one line per image.')
+flags.DEFINE_string('sweep_config', 'configs/sweep_bayes.yaml', 'sweep: the sweep YAML.')
+flags.DEFINE_integer('sweep_count', 10, 'sweep: total number of runs in the workdir.')
+flags.DEFINE_string('sweep_params', '', 'JSON file of sweep values (W&B agent ${args_json_file}).')
+flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() (multi-host); '
+                  'default: when JAX_COORDINATOR_ADDRESS is set.')
+
+
+def default_workdir(config) -> str:
+  sweep_id, run_id = os.environ.get('WANDB_SWEEP_ID'), os.environ.get('WANDB_RUN_ID')
+  if sweep_id and run_id:  # under `wandb agent`: one folder per agent-assigned run
+    return os.path.join('workdirs', f'sweep-{sweep_id}', f'{config_lib.run_name(config)}-{run_id}')
+  return os.path.join('workdirs', config_lib.run_name(config))
+
+
+def resolve_config(mode: str, workdir: str):
+  """The config for `mode`: the file's, or a trained workdir's, plus command-line overrides."""
+  config = FLAGS.config
+  if FLAGS.sweep_params:
+    from cnn import sweep
+    config = sweep.apply_sweep_params(config, sweep.load_agent_params(FLAGS.sweep_params))
+  if MODES[mode][2]:
+    from cnn import checkpoints
+    config = checkpoints.load_run_config(workdir)
+    config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
+  return config
+
+
+def main(argv):
+  mode = FLAGS.mode
+  module, function, needs_workdir = MODES[mode]
+  if needs_workdir and not FLAGS.workdir:
+    raise app.UsageError(f'--mode={mode} needs --workdir=DIR of a trained run')
+  if FLAGS.distributed or (FLAGS.distributed is None and os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    import jax
+    jax.distributed.initialize()
+  try:
+    config = resolve_config(mode, FLAGS.workdir)
+    workdir = FLAGS.workdir or (default_workdir(config) if mode == 'train' else '')
+    if not needs_workdir:
+      config_lib.validate(config)
+    fn = getattr(importlib.import_module(module), function)
+    return fn(config, workdir, argv[1:])
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  app.run(main)

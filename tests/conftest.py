@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny generated image folders, the real photos when present, a tiny config."""
+
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import default
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+TINY_CLASSES = ('red', 'green', 'blue')
+
+
+def write_image_folder(root: pathlib.Path, per_class: dict[str, int], size: int = 40,
+                       seed: int = 0) -> pathlib.Path:
+  """train/ and val/ with one folder per class; class c is noise around a colour of its own."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for c, name in enumerate(TINY_CLASSES):
+      folder = root / split / name
+      folder.mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        img = rng.integers(0, 90, (size, size, 3))
+        img[..., c] += 150
+        # A bright square in a class-specific corner: learnable after flips too.
+        q = size // 2
+        img[(c % 2) * q:(c % 2) * q + q, :q] = 255
+        suffix = '.png' if i % 2 else '.jpg'
+        Image.fromarray(img.astype(np.uint8)).save(folder / f'{name}_{i}{suffix}')
+  return root
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory) -> pathlib.Path:
+  return write_image_folder(tmp_path_factory.mktemp('tiny_data'), {'train': 20, 'val': 6})
+
+
+@pytest.fixture(scope='session')
+def tiny_cache_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir, tiny_cache_dir):
+  c = default.get_config()
+  c.data_dir = str(tiny_data_dir)
+  c.cache_dir = str(tiny_cache_dir)
+  c.download = False
+  c.image_size = 32
+  c.first_layer_filters = 4
+  c.conv_layers = 2
+  c.kernel_size = 3
+  c.dense_size = 8
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_epochs = 2
+  c.wandb_mode = 'disabled'
+  return c
+
+
+@pytest.fixture(scope='session')
+def monkeys_dir() -> pathlib.Path:
+  """The real 10-class photos (../shared/data/monkeys10 or $CNN_TEST_DATA/monkeys10)."""
+  base = pathlib.Path(os.environ.get('CNN_TEST_DATA', SHARED_DATA))
+  path = base / 'monkeys10'
+  if not (path / 'train').is_dir():
+    pytest.skip(f'real photos not found at {path} (set CNN_TEST_DATA to the folder holding '
+                'monkeys10/); they ship beside the project checkout, not with it')
+  return path
+
+
+@pytest.fixture(scope='session')
+def fullres_dir() -> pathlib.Path:
+  base = pathlib.Path(os.environ.get('CNN_TEST_DATA', SHARED_DATA))
+  path = base / 'monkeys10_fullres_sample'
+  if not (path / 'train').is_dir():
+    pytest.skip(f'full-resolution photos not found at {path} (set CNN_TEST_DATA)')
+  return path

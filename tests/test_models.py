@@ -1,0 +1,69 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn import models
+from configs import default, optimal
+
+
+def _counts(config, image_size, num_classes=10):
+  model = models.create_model(config, num_classes)
+  v = jax.eval_shape(lambda: models.init_variables(model, image_size, jax.random.PRNGKey(0)))
+  return models.count_parameters(v['params']), models.count_parameters(v.get('batch_stats', {}))
+
+
+def test_optimal_config_matches_the_reference_parameter_count():
+  assert _counts(optimal.get_config(), 256) == (446_730, 896)
+
+
+@pytest.mark.parametrize('first,org,k,dense,size,padding', [
+    (32, 1.0, 3, 64, 256, 'VALID'), (32, 2.0, 5, 32, 256, 'VALID'), (64, 0.5, 7, 128, 256, 'VALID'),
+    (16, 1.0, 3, 32, 64, 'SAME'), (8, 2.0, 5, 16, 96, 'SAME'),
+])
+def test_parameter_count_matches_hand_count(first, org, k, dense, size, padding):
+  c = default.get_config()
+  c.first_layer_filters, c.filter_org, c.kernel_size, c.dense_size = first, org, k, dense
+  c.padding = padding
+  filters = [int(first * org**i) for i in range(5)]
+  expected, cin, s = 0, 3, size
+  for f in filters:
+    expected += k * k * cin * f + f
+    cin = f
+    s = (s - k + 1 if padding == 'VALID' else s) // 2
+  expected += s * s * cin * dense + dense + dense * 10 + 10
+  assert _counts(c, size) == (expected, 0)
+
+
+def test_output_shape_and_intermediates():
+  c = default.get_config()
+  c.first_layer_filters, c.batch_norm = 8, True
+  model = models.create_model(c, num_classes=7)
+  v = models.init_variables(model, 96, jax.random.PRNGKey(0))
+  x = jnp.ones((3, 96, 96, 3))
+  logits = model.apply(v, x)
+  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  shapes = [models.block_output(model, v, x, f'conv{i}').shape for i in range(1, 6)]
+  assert shapes == [(3, 94, 94, 8), (3, 45, 45, 8), (3, 20, 20, 8), (3, 8, 8, 8), (3, 2, 2, 8)]
+
+
+def test_max_pool_equals_flax_max_pool_on_odd_sizes():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x),
+                                nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID'))
+
+
+def test_activation_is_selectable_by_name():
+  c = default.get_config()
+  c.first_layer_filters, c.image_size = 4, 96
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 96, 96, 3))
+  outs = {}
+  for name in ('relu', 'gelu', 'silu', 'elu', 'leaky_relu', 'mish'):
+    c.activation = name
+    model = models.create_model(c, 10)
+    v = models.init_variables(model, 96, jax.random.PRNGKey(0))
+    outs[name] = np.asarray(model.apply(v, x))
+  assert len({o.tobytes() for o in outs.values()}) == len(outs)  # each really changes the net
+  with pytest.raises(ValueError, match='unknown activation'):
+    models.create_model(c.copy_and_resolve_references(), 10).clone(activation='swish2').apply(v, x)
