@@ -10,6 +10,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from cnn import config as config_lib
@@ -59,6 +60,8 @@ def resolve_config(mode: str, workdir: str):
 
 
 def main(argv):
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step of every save at INFO
   mode = FLAGS.mode
   module, function, needs_workdir = MODES[mode]
   if needs_workdir and not FLAGS.workdir:

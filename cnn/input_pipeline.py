@@ -8,13 +8,16 @@ by the folder's contents and the image size; later runs load the arrays in secon
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import logging
 import os
 import pathlib
+import sys
 from typing import Iterator
+
+from absl import logging
 
 import numpy as np
 import tensorflow as tf
@@ -180,7 +183,7 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
       try:
         return i, read_image(files.paths[i], self._image_size)
       except ImageReadError as e:
-        logging.warning('skipping unreadable image %s', e)
+        print(f'warning: skipping unreadable image {e}', file=sys.stderr, flush=True)
         return i, None
 
     # TF's decoders release the GIL, so threads decode in parallel.
@@ -197,6 +200,17 @@ def _cache_root(cache_dir: str) -> pathlib.Path:
   return pathlib.Path(base) / 'inat_cnn'
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS warns about every custom config and deprecated field: noise for our users."""
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(old)
+
+
 def _load_split(builder: ImageFolderCache, split: str) -> tuple[np.ndarray, np.ndarray]:
   data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   order = np.argsort(data['index'])
@@ -210,19 +224,22 @@ def load_dataset(config) -> Dataset:
   name = f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
   root = _cache_root(config.cache_dir)
   root.mkdir(parents=True, exist_ok=True)
-  builder = ImageFolderCache(splits=splits, class_names=class_names,
-                             image_size=config.image_size, name=name, data_dir=str(root))
+  with _quiet_tfds():
+    builder = ImageFolderCache(splits=splits, class_names=class_names,
+                               image_size=config.image_size, name=name, data_dir=str(root))
   # TFDS writes into a temporary folder and renames it, so a killed build leaves nothing
   # half-written; the lock makes concurrent sweep runs build once and share the result.
-  with open(root / f'{name}.lock', 'w') as lock:
+  with open(root / f'{name}.lock', 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not builder.is_prepared():
-      logging.info('decoding %d images into %s', sum(len(s.paths) for s in splits.values()), root)
+      print(f'decoding {sum(len(s.paths) for s in splits.values())} images once into {root}',
+            flush=True)
       builder.download_and_prepare()
     fcntl.flock(lock, fcntl.LOCK_UN)
 
-  train_all, train_idx = _load_split(builder, 'train')
-  test_images, test_idx = _load_split(builder, 'val')
+  with _quiet_tfds():
+    train_all, train_idx = _load_split(builder, 'train')
+    test_images, test_idx = _load_split(builder, 'val')
   train_files, test_files = splits['train'], splits['val']
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})

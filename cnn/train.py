@@ -9,7 +9,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from absl import logging
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -342,8 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   download.ensure_dataset(config)
   data = input_pipeline.load_dataset(config)
-  for path in data.skipped:
-    logging.warning('skipped unreadable image: %s', path)
+  if data.skipped:
+    print(f'warning: {len(data.skipped)} unreadable images skipped (listed in summary.json)')
   mesh = make_mesh()
   if config.batch_size % jax.device_count():
     raise config_lib.ConfigError(f'batch_size={config.batch_size} must be a multiple of the '
