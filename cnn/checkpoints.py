@@ -14,6 +14,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -53,7 +54,8 @@ def restore_latest(workdir: str, target: Any) -> tuple[Any, dict] | None:
 
 
 def save_best(workdir: str, state: Any, meta: dict) -> None:
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  # As host numpy arrays: restorable on any device topology (trained on 8 TPUs, read on a CPU).
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   _save(workdir, 'best', int(state.step), variables, meta)
 
 

@@ -14,21 +14,26 @@ import fcntl
 import hashlib
 import os
 import pathlib
+import re
 import sys
 from typing import Iterator
 
 from absl import logging
 
 import numpy as np
-import tensorflow as tf
+
+# TensorFlow's C++ start-up chatter (no CUDA here, cuInit failed, ...) is not for our users.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds
 
 # TensorFlow only decodes images here: keep it off the accelerators JAX uses.
 tf.config.set_visible_devices([], 'GPU')
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Formats tf.io.decode_image reads, told apart by content so a wrong or missing suffix is harmless.
 _MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM')
+_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$')
 SPLITS = ('train', 'val')
 
 
@@ -61,8 +66,8 @@ class FileList:
 
 def _looks_like_image(path: pathlib.Path) -> bool:
   with open(path, 'rb') as f:
-    head = f.read(8)
-  return head.startswith(_MAGIC)
+    head = f.read(12)
+  return head.startswith(_MAGIC) or (head[:4] == b'RIFF' and head[8:] == b'WEBP')
 
 
 def _list_class(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -141,7 +146,7 @@ def read_image(path: str, image_size: int) -> np.ndarray:
   try:
     return _decode_resize(tf.io.read_file(str(path)), image_size)
   except (tf.errors.OpError, ValueError) as e:
-    msg = getattr(e, 'message', str(e)).strip().splitlines()[0]
+    msg = _TF_NOISE.sub('', getattr(e, 'message', str(e)).strip().splitlines()[0])
     raise ImageReadError(f'{path}: not a readable image ({msg})') from None
 
 
@@ -182,9 +187,8 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
     def decode(i):
       try:
         return i, read_image(files.paths[i], self._image_size)
-      except ImageReadError as e:
-        print(f'warning: skipping unreadable image {e}', file=sys.stderr, flush=True)
-        return i, None
+      except ImageReadError:
+        return i, None  # load_dataset names it, on this run and on every run using the cache
 
     # TF's decoders release the GIL, so threads decode in parallel.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -243,6 +247,13 @@ def load_dataset(config) -> Dataset:
   train_files, test_files = splits['train'], splits['val']
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})
+  for path in skipped:
+    try:
+      read_image(path, config.image_size)  # again, for the reason: the cache does not keep it
+      reason = f'{path}: unreadable when the cache was built'
+    except ImageReadError as e:
+      reason = str(e)
+    print(f'warning: skipping unreadable image {reason}', file=sys.stderr, flush=True)
   labels = np.asarray(train_files.labels, np.int32)[train_idx]
   keep, held = holdout_split(labels, config.holdout_fraction, config.seed)
   return Dataset(
