@@ -4,7 +4,6 @@ Any config field can be overridden: `--config.image_size=96 --config.wandb_mode=
 Modes other than train and count start from a trained workdir and reuse its config.json.
 """
 
-import importlib
 import os
 import sys
 
@@ -15,28 +14,71 @@ from ml_collections import config_flags
 
 from cnn import config as config_lib
 
-# mode -> (module, function, needs a trained workdir). Modules are imported on use, so a
-# mode only pays for the libraries it needs. Each function takes (config, workdir, args).
-MODES = {
-    'train': ('cnn.train', 'run_train', False),
-    'evaluate': ('cnn.evaluate', 'run_evaluate', True),
-    'predict': ('cnn.predict', 'run_predict', True),
-    'guided_bp': ('cnn.guided_backprop', 'run_guided_bp', True),
-    'count': ('cnn.count', 'run_count', False),
-    'sweep': ('cnn.sweep', 'run_sweep', False),
-    'sweep_report': ('cnn.sweep_report', 'run_sweep_report', False),
-}
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
 flags.DEFINE_string('workdir', '', 'Where a run keeps everything; default workdirs/<run name>.')
-flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'guided_bp', 'count', 'sweep',
+                                   'sweep_report'], 'What to do.')
 flags.DEFINE_bool('json', False, 'predict: print JSON instead of one line per image.')
 flags.DEFINE_string('sweep_config', 'configs/sweep_bayes.yaml', 'sweep: the sweep YAML.')
 flags.DEFINE_integer('sweep_count', 10, 'sweep: total number of runs in the workdir.')
 flags.DEFINE_string('sweep_params', '', 'JSON file of sweep values (W&B agent ${args_json_file}).')
 flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() (multi-host); '
                   'default: when JAX_COORDINATOR_ADDRESS is set.')
+
+
+def _train(config, workdir, args):
+  from cnn import train
+  return train.run_train(config, workdir, args)
+
+
+def _evaluate(config, workdir, args):
+  from cnn import evaluate
+  return evaluate.run_evaluate(config, workdir, args)
+
+
+def _predict(config, workdir, args):
+  from cnn import predict
+  return predict.run_predict(config, workdir, args, json_output=FLAGS.json)
+
+
+def _guided_bp(config, workdir, args):
+  from cnn import guided_backprop
+  return guided_backprop.run_guided_bp(config, workdir, args)
+
+
+def _count(config, workdir, args):
+  from cnn import count
+  return count.run_count(config, workdir, args)
+
+
+def _sweep(config, workdir, args):
+  from cnn import sweep
+  if args or not workdir:
+    raise app.UsageError('--mode=sweep takes no positional arguments and needs --workdir=DIR')
+  overridden = FLAGS['config'].override_values
+  sweep.run_sweep(config, workdir, sweep_config_path=FLAGS.sweep_config,
+                  sweep_count=FLAGS.sweep_count,
+                  overrides=tuple(dict.fromkeys(k.split('.')[0] for k in overridden)))
+  return 0
+
+
+def _sweep_report(config, workdir, args):
+  from cnn import sweep_report
+  return sweep_report.run_sweep_report(config, workdir, args)
+
+
+# mode -> (function, needs the workdir of a trained run). Each function imports its module on
+# use, so a mode only pays for the libraries it needs.
+MODES = {
+    'train': (_train, False),
+    'evaluate': (_evaluate, True),
+    'predict': (_predict, True),
+    'guided_bp': (_guided_bp, True),
+    'count': (_count, False),
+    'sweep': (_sweep, False),
+    'sweep_report': (_sweep_report, False),
+}
 
 
 def default_workdir(config) -> str:
@@ -52,7 +94,7 @@ def resolve_config(mode: str, workdir: str):
   if FLAGS.sweep_params:
     from cnn import sweep
     config = sweep.apply_sweep_params(config, sweep.load_agent_params(FLAGS.sweep_params))
-  if MODES[mode][2]:
+  if MODES[mode][1]:
     from cnn import checkpoints
     config = checkpoints.load_run_config(workdir)
     config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
@@ -63,7 +105,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step of every save at INFO
   mode = FLAGS.mode
-  module, function, needs_workdir = MODES[mode]
+  fn, needs_workdir = MODES[mode]
   if needs_workdir and not FLAGS.workdir:
     raise app.UsageError(f'--mode={mode} needs --workdir=DIR of a trained run')
   if FLAGS.distributed or (FLAGS.distributed is None and os.environ.get('JAX_COORDINATOR_ADDRESS')):
@@ -74,7 +116,6 @@ def main(argv):
     workdir = FLAGS.workdir or (default_workdir(config) if mode == 'train' else '')
     if not needs_workdir:
       config_lib.validate(config)
-    fn = getattr(importlib.import_module(module), function)
     return fn(config, workdir, argv[1:])
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
