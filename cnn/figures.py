@@ -1,0 +1,240 @@
+"""The evaluation figures as PNGs: pure functions of numpy arrays, class names and a path.
+
+Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot), so nothing
+depends on a display or on pyplot's global state.
+"""
+
+import math
+import os
+import textwrap
+
+from matplotlib import figure as mpl_figure
+import numpy as np
+
+CORRECT, WRONG = '#1a9641', '#d7191c'  # green / red, told apart also by ✓ / ✗
+TRUE_CLASS = '#2b83ba'
+GRID_IMAGES = 30  # the reference's 10 x 3 grid
+DPI = 100
+
+
+def near_square_grid(n: int) -> tuple[int, int]:
+  """(rows, cols) for n panels: an exact factorisation no wider than 2:1 (64 -> 8x8, 32 -> 4x8),
+  else the smallest square-ish grid that holds n (7 -> 3x3)."""
+  if n < 1:
+    raise ValueError(f'need at least one panel, got {n}')
+  for rows in range(math.isqrt(n), 0, -1):
+    if n % rows == 0 and n // rows <= 2 * rows:
+      return rows, n // rows
+  cols = math.ceil(math.sqrt(n))
+  return math.ceil(n / cols), cols
+
+
+def predictions_grid_columns(num_classes: int) -> int:
+  """Images per class row: 3 for 10 classes as in the reference; fewer classes get more
+  columns (up to 6) so the grid still shows about 30 images."""
+  return min(6, max(3, math.ceil(GRID_IMAGES / num_classes)))
+
+
+def predictions_grid_indices(labels: np.ndarray, num_classes: int, seed: int,
+                             columns: int | None = None) -> np.ndarray:
+  """(num_classes, columns) indices into the test set, row c drawn from class c without
+  replacement (seeded); -1 where a class has fewer images than columns."""
+  columns = columns or predictions_grid_columns(num_classes)
+  rng = np.random.default_rng(seed)
+  grid = np.full((num_classes, columns), -1, np.int64)
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    pick = np.sort(rng.choice(idx, size=min(columns, len(idx)), replace=False))
+    grid[c, :len(pick)] = pick
+  return grid
+
+
+def _as_float_image(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  return image / 255.0 if image.dtype == np.uint8 else np.clip(image, 0.0, 1.0)
+
+
+def _title(fig: mpl_figure.Figure, text: str, width_in: float, fontsize: float = 14) -> int:
+  """A bold figure title wrapped to the figure's width; returns its number of lines."""
+  wrapped = textwrap.fill(text, max(20, int(width_in * 110 / fontsize)))
+  fig.suptitle(wrapped, fontsize=fontsize, fontweight='bold')
+  return wrapped.count('\n') + 1
+
+
+def _save(fig: mpl_figure.Figure, path: str | os.PathLike) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI, facecolor='white')
+  return str(path)
+
+
+def display_name(name: str, width: int = 0) -> str:
+  """'white_headed_capuchin' -> 'white headed capuchin', wrapped to `width` if given."""
+  name = name.replace('_', ' ')
+  return textwrap.fill(name, width, break_long_words=False) if width else name
+
+
+def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                          class_names: list[str], grid: np.ndarray,
+                          path: str | os.PathLike, title: str = '') -> str:
+  """One row per true class; each cell: the image framed green (✓) or red (✗), the predicted
+  class and its probability, and bars of the top-3 probabilities underneath.
+
+  images (N, S, S, 3), labels (N,), probs (N, C); grid from `predictions_grid_indices`.
+  """
+  rows, cols = grid.shape
+  preds = probs.argmax(-1)
+  cell_w, cell_h, left = 2.5, 3.55, 1.5  # inches
+  width = cell_w * cols + left
+  chars = int(width * 11)  # about how many 10.5 pt characters fit across the figure
+  heading = textwrap.fill(title or 'Test-set predictions', chars * 2 // 3)
+  ok_all = preds[grid[grid >= 0]] == labels[grid[grid >= 0]]
+  legend = textwrap.fill(
+      f'One row per true class; {ok_all.sum()} of {ok_all.size} shown are correct. ✓ green / ✗ '
+      'red frame: predicted class and its probability; bars: the top-3 probabilities (blue: the '
+      'true class when it is not the prediction).', chars)
+  head = 0.35 + 0.3 * (heading.count('\n') + 1) + 0.2 * (legend.count('\n') + 1) + 0.5
+  height = cell_h * rows + head
+  fig = mpl_figure.Figure(figsize=(width, height))
+  outer = fig.add_gridspec(rows, cols, left=left / width, top=1 - head / height,
+                           bottom=0.005, right=0.985, hspace=0.3, wspace=0.1)
+  for r in range(rows):
+    for c in range(cols):
+      cell = outer[r, c].subgridspec(2, 1, height_ratios=[3.5, 1.0], hspace=0.05)
+      ax_img, ax_bar = fig.add_subplot(cell[0]), fig.add_subplot(cell[1])
+      ax_img.set_xticks([]), ax_img.set_yticks([])
+      ax_bar.set_axis_off()
+      if c == 0:
+        ax_img.set_ylabel(display_name(class_names[r], 16), fontsize=13, fontweight='bold',
+                          labelpad=8)
+      i = grid[r, c]
+      if i < 0:
+        for spine in ax_img.spines.values():
+          spine.set_visible(False)
+        ax_img.text(0.5, 0.5, 'no more\ntest images', ha='center', va='center',
+                    color='0.5', fontsize=10, transform=ax_img.transAxes)
+        continue
+      ok = preds[i] == labels[i]
+      color = CORRECT if ok else WRONG
+      ax_img.imshow(_as_float_image(images[i]))
+      for spine in ax_img.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(4)
+      label = f'{"✓" if ok else "✗"} {display_name(class_names[preds[i]])}  {probs[i, preds[i]]:.0%}'
+      ax_img.set_title(textwrap.fill(label, 24, break_long_words=False),
+                       color=color, fontsize=10.5, fontweight='bold', pad=4, linespacing=1.0)
+      top = np.argsort(-probs[i])[:3]
+      y = np.arange(len(top))
+      bar_colors = [color if k == preds[i] else (TRUE_CLASS if k == labels[i] else '0.75')
+                    for k in top]
+      ax_bar.barh(y, probs[i, top], color=bar_colors, alpha=0.45, height=0.8)
+      ax_bar.set_xlim(0, 1)
+      ax_bar.set_ylim(len(top) - 0.5, -0.5)
+      for yy, k in zip(y, top):
+        ax_bar.text(0.015, yy, f'{probs[i, k]:4.0%}  {display_name(class_names[k])}',
+                    va='center', fontsize=8.5, color='black')
+  fig.text(0.5, 1 - 0.12 / height, heading, ha='center', va='top', fontsize=15,
+           fontweight='bold')
+  fig.text(0.5, 1 - (0.22 + 0.3 * (heading.count('\n') + 1)) / height, legend, ha='center',
+           va='top', fontsize=10.5)
+  return _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
+                          path: str | os.PathLike, title: str = '') -> str:
+  """confusion[t, p] counts test images of true class t predicted as p; each row is shown as
+  a share of its class with the count beneath; empty cells are left blank."""
+  confusion = np.asarray(confusion)
+  n = len(class_names)
+  totals = confusion.sum(1, keepdims=True)
+  share = np.divide(confusion, totals, out=np.zeros(confusion.shape, float), where=totals > 0)
+  size = max(6.0, 0.75 * n + 3.0)
+  fig = mpl_figure.Figure(figsize=(size + 1.2, size), layout='constrained')
+  ax = fig.add_subplot()
+  im = ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+  cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+  cbar.set_label('share of the true class', fontsize=11)
+  fontsize = 11 if n <= 10 else 8
+  for t in range(n):
+    for p in range(n):
+      if confusion[t, p] == 0:
+        continue  # blank cells keep the eye on the diagonal and the real confusions
+      ax.text(p, t, f'{share[t, p]:.0%}\n({confusion[t, p]})', ha='center', va='center',
+              fontsize=fontsize, color='white' if share[t, p] > 0.55 else 'black')
+  ax.set_xticks(range(n), [display_name(c) for c in class_names], rotation=40, ha='right',
+                rotation_mode='anchor', fontsize=fontsize + 1)
+  ax.set_yticks(range(n), [f'{display_name(c)} ({int(k)})' for c, k in zip(class_names, totals[:, 0])],
+                fontsize=fontsize + 1)
+  ax.set_xlabel('predicted class', fontsize=13)
+  ax.set_ylabel('true class (test images)', fontsize=13)
+  accuracy = np.trace(confusion) / max(1, confusion.sum())
+  text = title or (f'Confusion matrix on the test set: accuracy {accuracy:.1%} of '
+                   f'{int(confusion.sum())} images')
+  _title(fig, text, size + 1.2)
+  return _save(fig, path)
+
+
+def filters_for_display(kernel: np.ndarray) -> np.ndarray:
+  """(k, k, 3, F) conv kernel -> (F, k, k, 3) in [0, 1], each filter min-max scaled over all
+  its weights (so its colour balance is kept); a constant filter shows as mid grey."""
+  f = np.moveaxis(np.asarray(kernel, np.float64), -1, 0)
+  lo = f.min(axis=(1, 2, 3), keepdims=True)
+  span = f.max(axis=(1, 2, 3), keepdims=True) - lo
+  return np.where(span > 0, (f - lo) / np.where(span > 0, span, 1), 0.5)
+
+
+def plot_first_layer_filters(kernel: np.ndarray, path: str | os.PathLike, title: str = '') -> str:
+  """Every first-layer kernel (k, k, 3, F) as a small RGB image on a near-square grid."""
+  tiles = filters_for_display(kernel)
+  num, k = tiles.shape[0], tiles.shape[1]
+  rows, cols = near_square_grid(num)
+  text = title or (f'First-layer filters: {num} kernels of {k}×{k}×3 (RGB), each scaled to its '
+                   'own min–max')
+  width = max(6.0, 1.15 * cols + 0.4)
+  lines = len(textwrap.wrap(text, max(20, int(width * 110 / 14))))
+  head = 0.35 + 0.3 * lines
+  height = 1.25 * rows + head
+  fig = mpl_figure.Figure(figsize=(width, height))
+  side = (1 - 1.15 * cols / width) / 2  # centre the grid when the title sets the width
+  grid = fig.add_gridspec(rows, cols, left=max(0.02, side), right=min(0.98, 1 - side),
+                          bottom=0.02, top=1 - head / height, wspace=0.12, hspace=0.3)
+  for j in range(rows * cols):
+    ax = fig.add_subplot(grid[j // cols, j % cols])
+    ax.set_axis_off()
+    if j < num:
+      ax.imshow(tiles[j], interpolation='nearest')
+      ax.set_title(str(j), fontsize=9, pad=2)
+  _title(fig, text, width)
+  return _save(fig, path)
+
+
+def plot_first_layer_activations(image: np.ndarray, feature_maps: np.ndarray,
+                                 path: str | os.PathLike, title: str = '',
+                                 caption: str = '') -> str:
+  """The input image beside the feature map (H, W, F) of every first-layer filter, each map
+  on its own colour scale (bright = strong response); an all-zero map is marked 'dead'."""
+  maps = np.asarray(feature_maps, np.float64)
+  num = maps.shape[-1]
+  rows, cols = near_square_grid(num)
+  cell = 1.3
+  width, height = 5.2 + cell * cols, max(5.6, cell * rows + 1.4)
+  fig = mpl_figure.Figure(figsize=(width, height))
+  top = 1 - 1.1 / height
+  ax = fig.add_axes((0.015, 0.12, 4.6 / width, top - 0.16))
+  ax.imshow(_as_float_image(image))
+  ax.set_axis_off()
+  ax.set_title(caption or 'input image', fontsize=12)
+  grid = fig.add_gridspec(rows, cols, left=5.0 / width, right=0.99, bottom=0.02, top=top,
+                          wspace=0.08, hspace=0.28)
+  for j in range(rows * cols):
+    a = fig.add_subplot(grid[j // cols, j % cols])
+    a.set_axis_off()
+    if j >= num:
+      continue
+    m = maps[..., j]
+    lo, hi = m.min(), m.max()
+    a.imshow(m, cmap='viridis', vmin=lo, vmax=hi if hi > lo else lo + 1)
+    a.set_title(f'{j}' + (' dead' if hi == lo == 0 else ''), fontsize=8, pad=2,
+                color=WRONG if hi == lo == 0 else 'black')
+  _title(fig, title or f'First-layer feature maps: all {num} filters ({maps.shape[0]}×'
+         f'{maps.shape[1]} each, own colour scale)', width)
+  return _save(fig, path)

@@ -1,0 +1,166 @@
+"""Class probabilities of the best checkpoint, for arrays of images or image files on disk.
+
+    python main.py --mode=predict --workdir=WORKDIR photo.jpg more_photos/ [--json]
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from cnn import checkpoints
+from cnn import input_pipeline
+from cnn import models
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(model: models.CNN, variables: dict, images: jax.Array) -> jax.Array:
+  logits = model.apply(variables, images.astype(np.float32) / 255.0, train=False)
+  return jax.nn.log_softmax(logits)  # float32: the model returns float32 logits
+
+
+def class_log_probabilities(model: models.CNN, variables: dict, images: np.ndarray,
+                            batch_size: int) -> np.ndarray:
+  """(N, C) log-probabilities of uint8 images (N, S, S, 3), in batches of one compiled shape."""
+  out = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    pad = batch_size - len(batch)
+    padded = np.pad(batch, ((0, pad), (0, 0), (0, 0), (0, 0)))
+    out.append(np.asarray(_log_probs(model, variables, padded))[:len(batch)])
+  if not out:
+    return np.zeros((0, model.num_classes), np.float32)
+  return np.concatenate(out)
+
+
+def run_class_names(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> list[str]:
+  """The trained run's class names: summary.json, else the data folder, else 'class i'."""
+  summary = os.path.join(workdir, 'summary.json')
+  if os.path.exists(summary):
+    names = checkpoints.read_json(summary).get('class_names')
+    if names and len(names) == num_classes:
+      return list(names)
+  try:
+    names = input_pipeline.discover(config.data_dir)[1]
+    if len(names) == num_classes:
+      return names
+  except input_pipeline.DatasetError:
+    pass
+  return [f'class {i}' for i in range(num_classes)]
+
+
+def load_best_model(config: ml_collections.ConfigDict,
+                    workdir: str) -> tuple[models.CNN, dict, list[str], dict]:
+  """(model, variables, class names, checkpoint meta) of the workdir's best checkpoint."""
+  variables, meta = checkpoints.restore_best(workdir)
+  num_classes = int(np.shape(variables['params']['logits']['kernel'])[-1])
+  model = models.create_model(config, num_classes)
+  return model, variables, run_class_names(workdir, config, num_classes), meta
+
+
+def image_files(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+  """(files to predict, {path: error}) from files and folders (searched recursively for
+  image suffixes). A named file is tried whatever its suffix; decoding tells."""
+  files, errors = [], {}
+  for arg in args:
+    p = pathlib.Path(arg)
+    if p.is_dir():
+      found = sorted(str(f) for f in p.rglob('*') if f.is_file() and not f.name.startswith('.')
+                     and f.suffix.lower() in input_pipeline.IMAGE_SUFFIXES)
+      if not found:
+        errors[arg] = (f'folder holds no images (looked for '
+                       f'{", ".join(input_pipeline.IMAGE_SUFFIXES)})')
+      files += found
+    elif p.is_file():
+      files.append(str(p))
+    else:
+      errors[arg] = 'no such file or folder'
+  return files, errors
+
+
+@dataclasses.dataclass
+class Prediction:
+  path: str
+  top: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (class, probability)
+  error: str = ''
+
+  def to_json(self) -> dict:
+    if self.error:
+      return {'path': self.path, 'error': self.error}
+    return {'path': self.path, 'top': [{'class': c, 'probability': p} for c, p in self.top]}
+
+  def to_line(self) -> str:
+    if self.error:
+      return f'{self.path}: ERROR {self.error}'
+    return f'{self.path}: ' + ', '.join(f'{c} {p:.1%}' for c, p in self.top)
+
+
+def _readable(message: str) -> str:
+  """Drops TensorFlow's op plumbing ({{function_node ...}}, [Op:DecodeImage]) from a message."""
+  message = re.sub(r'\{\{.*?\}\}\s*', '', message)
+  return re.sub(r'\s*\[Op:[^\]]*\][^)]*', '', message)
+
+
+def predict_files(model: models.CNN, variables: dict, class_names: list[str],
+                  paths: Sequence[str], image_size: int, batch_size: int = 64,
+                  top_k: int = 3) -> list[Prediction]:
+  """Top-k classes of each file, in order; an unreadable file gets its error, not an exception."""
+  results = [Prediction(p) for p in paths]
+  images, ok = [], []
+  for i, p in enumerate(paths):
+    try:
+      images.append(input_pipeline.read_image(p, image_size))
+      ok.append(i)
+    except input_pipeline.ImageReadError as e:
+      results[i].error = _readable(str(e).removeprefix(f'{p}: '))
+  if ok:
+    probs = np.exp(class_log_probabilities(model, variables, np.stack(images), batch_size))
+    for i, pr in zip(ok, probs):
+      best = np.argsort(-pr, kind='stable')[:top_k]
+      results[i].top = [(class_names[k], float(pr[k])) for k in best]
+  return results
+
+
+def _json_flag() -> bool:
+  """main.py's --json flag, when main.py defined and parsed it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(flags.FLAGS['json'].value) if flags.FLAGS.is_parsed() else False
+  except KeyError:
+    return False
+
+
+def run_predict(config: ml_collections.ConfigDict, workdir: str, argv_rest: Sequence[str],
+                json_output: bool | None = None) -> int:
+  """--mode=predict: one line per image (or a JSON list with --json); exit status 1 only if
+  no image could be predicted."""
+  if json_output is None:
+    json_output = _json_flag()
+  if not argv_rest:
+    print('error: --mode=predict needs image files or folders after the flags, e.g. '
+          f'python main.py --mode=predict --workdir={workdir or "WORKDIR"} photo.jpg',
+          file=sys.stderr)
+    return 2
+  model, variables, class_names, _ = load_best_model(config, workdir)
+  files, errors = image_files(argv_rest)
+  results = predict_files(model, variables, class_names, files, config.image_size,
+                          config.eval_batch_size)
+  results = [Prediction(p, error=e) for p, e in errors.items()] + results
+  if json_output:
+    print(json.dumps([r.to_json() for r in results], indent=2))
+  else:
+    for r in results:
+      print(r.to_line(), file=sys.stderr if r.error else sys.stdout)
+  num_ok = sum(not r.error for r in results)
+  if num_ok == 0:
+    print(f'error: none of the {len(results)} inputs could be predicted', file=sys.stderr)
+    return 1
+  return 0
