@@ -91,9 +91,9 @@ def default_workdir(config) -> str:
 def resolve_config(mode: str, workdir: str):
   """The config for `mode`: the file's, or a trained workdir's, plus command-line overrides."""
   config = FLAGS.config
-  if FLAGS.sweep_params:
+  if FLAGS.sweep_params or os.environ.get('WANDB_SWEEP_PARAM_PATH'):
     from cnn import sweep
-    config = sweep.apply_sweep_params(config, sweep.load_agent_params(FLAGS.sweep_params))
+    config = sweep.agent_config(config, FLAGS.sweep_params)
   if MODES[mode][1]:
     from cnn import checkpoints
     config = checkpoints.load_run_config(workdir)

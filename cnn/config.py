@@ -1,5 +1,8 @@
 """Checks a config before any data is read or model built, with errors that say how to fix them."""
 
+import os
+from typing import Sequence
+
 import ml_collections
 
 from cnn import activations
@@ -84,10 +87,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'or --config.padding=SAME')
 
 
+# The fields of the reference's run names, in its order.
+NAME_FIELDS = (('filters', 'first_layer_filters'), ('org', 'filter_org'), ('aug', 'data_aug'),
+                ('bn', 'batch_norm'), ('drop', 'dropout'), ('k', 'kernel_size'),
+                ('dense', 'dense_size'))
+
+
+def hyperparameter_name(config: ml_collections.ConfigDict, extra_keys: Sequence[str] = ()) -> str:
+  """The reference's run name, e.g. filters_64_org_1_aug_True_bn_True_drop_0.2_k_3_dense_128.
+
+  `extra_keys` appends other fields (`_learning_rate_0.00031`), so sweep runs that differ only
+  in them get distinct names.
+  """
+  fmt = lambda v: f'{v:g}' if isinstance(v, float) else str(v)
+  parts = [f'{short}_{fmt(config[field])}' for short, field in NAME_FIELDS]
+  parts += [f'{key}_{fmt(config[key])}' for key in extra_keys]
+  return '_'.join(parts).replace(os.sep, '-')
+
+
 def run_name(config: ml_collections.ConfigDict) -> str:
-  """config.run_name, else the hyperparameters as the reference named its sweep runs."""
-  if config.run_name:
-    return config.run_name
-  return (f'filters_{config.first_layer_filters}_org_{config.filter_org:g}_aug_{config.data_aug}'
-          f'_bn_{config.batch_norm}_drop_{config.dropout:g}_k_{config.kernel_size}'
-          f'_dense_{config.dense_size}')
+  """config.run_name, else `hyperparameter_name(config)`."""
+  return config.run_name or hyperparameter_name(config)

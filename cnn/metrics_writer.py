@@ -1,12 +1,17 @@
 """One place that every epoch's metrics go through: W&B, WORKDIR/metrics.jsonl and the terminal."""
 
 import json
-import logging
 import netrc
 import os
+import uuid
+import sys
 from typing import Any
+import urllib.error
+import urllib.request
 
 import ml_collections
+
+from cnn import config as config_lib
 
 
 def has_wandb_credentials() -> bool:
@@ -77,18 +82,39 @@ def _init_wandb(config: ml_collections.ConfigDict, workdir: str, mode: str):
   import wandb
   id_file = os.path.join(workdir, 'wandb_run_id.txt')
   kwargs = dict(project=config.wandb_project, entity=config.wandb_entity or None,
-                name=config.run_name or None, config=config.to_dict(), dir=workdir)
+                name=config_lib.run_name(config), config=config.to_dict(), dir=workdir)
   if not os.environ.get('WANDB_SWEEP_ID'):  # under `wandb agent` the agent picks the run id
     if not os.path.exists(id_file):
       with open(id_file, 'w') as f:
-        f.write(wandb.util.generate_id())
+        f.write(uuid.uuid4().hex[:8])
     with open(id_file) as f:
       kwargs.update(id=f.read().strip(), resume='allow')
+  if mode == 'online':
+    # wandb.init retries an unreachable server for init_timeout (a minute or more): ask first.
+    base_url = wandb.setup().settings.base_url
+    why = _unreachable(base_url)
+    if why is not None:
+      return _init_offline(wandb, workdir, kwargs, f'cannot reach {base_url}: {why}')
   try:
     return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
-  except Exception as e:  # no network, bad credentials, server down: never lose the training
+  except Exception as e:  # bad credentials, server trouble: never lose the training
     if mode != 'online':
       raise
-    logging.warning('W&B online failed (%s); logging offline instead', e)
-    print(f'W&B: going online failed ({type(e).__name__}: {e}); logging offline instead')
-    return wandb.init(mode='offline', **kwargs)
+    return _init_offline(wandb, workdir, kwargs, f'{type(e).__name__}: {e}')
+
+
+def _unreachable(url: str, timeout: float = 10.0) -> str | None:
+  """Why nothing answers at `url` (refused, timed out, no DNS), or None if any HTTP reply came."""
+  try:
+    urllib.request.urlopen(url, timeout=timeout).close()
+  except urllib.error.HTTPError:
+    pass  # it answered; whether the credentials are good is wandb.init's to say
+  except (urllib.error.URLError, OSError, ValueError) as e:
+    return str(getattr(e, 'reason', e))
+  return None
+
+
+def _init_offline(wandb, workdir: str, kwargs: dict, why: str):
+  print(f'warning: W&B online failed ({why}); logging offline to {workdir}/wandb instead, '
+        'upload later with `wandb sync`', file=sys.stderr, flush=True)
+  return wandb.init(mode='offline', **kwargs)

@@ -129,21 +129,10 @@ def predict_files(model: models.CNN, variables: dict, class_names: list[str],
   return results
 
 
-def _json_flag() -> bool:
-  """main.py's --json flag, when main.py defined and parsed it."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return bool(flags.FLAGS['json'].value) if flags.FLAGS.is_parsed() else False
-  except KeyError:
-    return False
-
-
 def run_predict(config: ml_collections.ConfigDict, workdir: str, argv_rest: Sequence[str],
-                json_output: bool | None = None) -> int:
+                json_output: bool = False) -> int:
   """--mode=predict: one line per image (or a JSON list with --json); exit status 1 only if
   no image could be predicted."""
-  if json_output is None:
-    json_output = _json_flag()
   if not argv_rest:
     print('error: --mode=predict needs image files or folders after the flags, e.g. '
           f'python main.py --mode=predict --workdir={workdir or "WORKDIR"} photo.jpg',

@@ -378,9 +378,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _StopSignal() as stop:
       while not progress.done(config.num_epochs):
-        state, train_metrics = _epoch_loop(state, data, config, progress, mesh, stop, save,
-                                           first_step if 'time_to_first_step_s' not in timing
-                                           else None)
+        try:
+          state, train_metrics = _epoch_loop(state, data, config, progress, mesh, stop, save,
+                                             first_step if 'time_to_first_step_s' not in timing
+                                             else None)
+        except Preempted:
+          # Under `wandb agent` SIGTERM is W&B's early termination: a finished run, not a crash.
+          if not os.environ.get('WANDB_SWEEP_ID'):
+            raise
+          progress.stopped_early_by = 'wandb_agent'
+          break
         _end_of_epoch(state, data, config, progress, mesh, train_metrics, workdir, writer,
                       epoch_callback)
     timing['wall_time_s'] = time.time() - t_start
