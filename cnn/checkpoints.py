@@ -16,7 +16,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+from cnn import models
 
 
 def _manager(workdir: str, which: str) -> ocp.CheckpointManager:
@@ -67,6 +70,16 @@ def restore_best(workdir: str) -> tuple[dict, dict]:
         f'no best checkpoint in {os.path.join(workdir, "checkpoints", "best")}; train first: '
         f'python main.py --config=configs/optimal.py --workdir={workdir}')
   return restored
+
+
+def load_best_model(config: ml_collections.ConfigDict,
+                    workdir: str) -> tuple[models.CNN, dict, list[str], dict]:
+  """(model, variables, class names, checkpoint meta) of the workdir's best checkpoint."""
+  variables, meta = restore_best(workdir)
+  num_classes = int(np.shape(variables['params']['logits']['kernel'])[-1])
+  model = models.create_model(config, num_classes)
+  names = meta.get('class_names') or [f'class {i}' for i in range(num_classes)]
+  return model, variables, list(names), meta
 
 
 def has_checkpoint(workdir: str) -> bool:

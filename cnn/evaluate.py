@@ -80,7 +80,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns test_metrics.json's content (its 'figures' are file names in WORKDIR/evaluation/).
   """
   t0 = time.time()
-  model, variables, class_names, meta = predict.load_best_model(config, workdir)
+  model, variables, class_names, meta = checkpoints.load_best_model(config, workdir)
   download.ensure_dataset(config)
   data = input_pipeline.load_dataset(config)
   if list(data.class_names) != list(class_names):

@@ -294,18 +294,6 @@ def explain(model: models.CNN, variables, image: np.ndarray, config) -> Explanat
                      maps=maps, grad_cam=gcam)
 
 
-def _class_names(workdir: str, config, num_classes: int) -> list[str]:
-  summary = os.path.join(workdir, 'summary.json')
-  if os.path.exists(summary):
-    names = checkpoints.read_json(summary).get('class_names')
-    if names and len(names) == num_classes:
-      return list(names)
-  try:
-    return input_pipeline.discover(config.data_dir)[1]
-  except input_pipeline.DatasetError:
-    return [f'class {i}' for i in range(num_classes)]
-
-
 def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
   """--mode=guided_bp: explain conv neurons of the best checkpoint on one test image.
 
@@ -316,10 +304,9 @@ def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
     raise config_lib.ConfigError(f'--mode=guided_bp takes no positional arguments, got '
                                  f'{argv_rest}')
   t0 = time.time()
-  variables, meta = checkpoints.restore_best(workdir)
-  num_classes = int(np.shape(variables['params']['logits']['kernel'])[-1])
+  model, variables, class_names, meta = checkpoints.load_best_model(config, workdir)
   # Gradients in float32 whatever the training dtype: bfloat16 maps lose most small values.
-  model = models.create_model(config, num_classes).clone(dtype=jnp.float32)
+  model = model.clone(dtype=jnp.float32)
   _check_config(config, model)
   image, image_path = pick_image(config)
   result = explain(model, variables, image, config)
@@ -334,7 +321,6 @@ def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
 
   out_dir = os.path.join(workdir, 'guided_bp')
   os.makedirs(out_dir, exist_ok=True)
-  class_names = _class_names(workdir, config, num_classes)
   epoch = meta.get('epoch', '?') if isinstance(meta, dict) else '?'
   title = (f'{os.path.basename(image_path)}; yellow boxes = receptive fields of the '
            f'{len(neurons.channels)} {layer} neurons (best checkpoint, epoch {epoch})')

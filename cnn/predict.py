@@ -6,7 +6,6 @@
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import re
 import sys
@@ -39,31 +38,6 @@ def class_log_probabilities(model: models.CNN, variables: dict, images: np.ndarr
   if not out:
     return np.zeros((0, model.num_classes), np.float32)
   return np.concatenate(out)
-
-
-def run_class_names(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> list[str]:
-  """The trained run's class names: summary.json, else the data folder, else 'class i'."""
-  summary = os.path.join(workdir, 'summary.json')
-  if os.path.exists(summary):
-    names = checkpoints.read_json(summary).get('class_names')
-    if names and len(names) == num_classes:
-      return list(names)
-  try:
-    names = input_pipeline.discover(config.data_dir)[1]
-    if len(names) == num_classes:
-      return names
-  except input_pipeline.DatasetError:
-    pass
-  return [f'class {i}' for i in range(num_classes)]
-
-
-def load_best_model(config: ml_collections.ConfigDict,
-                    workdir: str) -> tuple[models.CNN, dict, list[str], dict]:
-  """(model, variables, class names, checkpoint meta) of the workdir's best checkpoint."""
-  variables, meta = checkpoints.restore_best(workdir)
-  num_classes = int(np.shape(variables['params']['logits']['kernel'])[-1])
-  model = models.create_model(config, num_classes)
-  return model, variables, run_class_names(workdir, config, num_classes), meta
 
 
 def image_files(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -138,7 +112,7 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, argv_rest: Sequ
           f'python main.py --mode=predict --workdir={workdir or "WORKDIR"} photo.jpg',
           file=sys.stderr)
     return 2
-  model, variables, class_names, _ = load_best_model(config, workdir)
+  model, variables, class_names, _ = checkpoints.load_best_model(config, workdir)
   files, errors = image_files(argv_rest)
   results = predict_files(model, variables, class_names, files, config.image_size,
                           config.eval_batch_size)

@@ -286,7 +286,8 @@ def _end_of_epoch(state, data, config, progress, mesh, train_metrics, workdir, w
   progress.history.append({'epoch': epoch, **metrics})
   if val_acc > progress.best_val_acc:
     progress.best_val_acc, progress.best_epoch, progress.bad_epochs = val_acc, epoch, 0
-    checkpoints.save_best(workdir, state, {'epoch': epoch, 'val_acc': val_acc})
+    checkpoints.save_best(workdir, state, {'epoch': epoch, 'val_acc': val_acc,
+                                           'class_names': data.class_names})
   else:
     progress.bad_epochs += 1
   if config.early_stopping_patience and progress.bad_epochs >= config.early_stopping_patience:

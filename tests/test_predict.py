@@ -64,7 +64,7 @@ def test_image_files_expands_folders_and_reports_bad_paths(tmp_path):
 def test_predict_files_top3_and_a_per_file_error(trained, inputs):
   config, workdir = trained
   good, corrupt, _ = inputs
-  model, variables, names, _ = predict.load_best_model(config, workdir)
+  model, variables, names, _ = checkpoints.load_best_model(config, workdir)
   assert names == ['blue', 'green', 'red']
   results = predict.predict_files(model, variables, names, [good[0], corrupt, good[1]],
                                   config.image_size, batch_size=2)
