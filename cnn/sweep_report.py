@@ -1,0 +1,390 @@
+"""The sweep report, offline: W&B's sweep panels as PNGs and a summary.md, in WORKDIR/report/.
+
+    val_acc_vs_created.png     each run's val_acc by creation time, with the best so far
+    parallel_coordinates.png   one line per run through its values, coloured by val_acc
+    parameter_importance.png   random-forest importance and correlation with val_acc
+    val_acc_curves.png         val_acc per epoch of every run (hyperband stops end early)
+    summary.md                 the top 10 runs and the best config as a configs/*.py block
+    best_config.py             that block, ready to copy to configs/
+
+val_acc is a run's best epoch's validation accuracy: the checkpoint the run keeps.
+"""
+
+import datetime
+import json
+import os
+from typing import Any, Sequence
+
+import matplotlib
+from matplotlib import cm
+from matplotlib import colors
+from matplotlib import dates as mdates
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+
+from cnn import sweep
+
+REPORT_DIR = 'report'
+TOP_RUNS = 10
+# Fields that describe a machine or a logging setup, not a model: left out of best_config.py.
+_MACHINE_FIELDS = frozenset({'data_dir', 'download', 'dataset_url', 'cache_dir', 'wandb_mode',
+                             'wandb_project', 'wandb_entity', 'run_name', 'new_run',
+                             'checkpoint_every_steps'})
+
+
+def _load_spec(workdir: str, records: Sequence[dict]) -> dict:
+  path = os.path.join(workdir, sweep.SPEC_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)['spec']
+  # Without sweep.json every parameter seen is shown as categorical.
+  names = {k: None for r in records for k in r['params']}
+  return {'parameters': {k: {'values': sorted({json.dumps(r['params'].get(k)) for r in records})}
+                         for k in names}}
+
+
+def searched_parameters(spec: dict) -> list[dict]:
+  """The parameters that vary: name, kind ('categorical' or 'numeric'), values or range, log."""
+  out = []
+  for name, p in spec['parameters'].items():
+    if 'values' in p and len(p['values']) > 1:
+      out.append({'name': name, 'kind': 'categorical', 'values': list(p['values'])})
+    elif 'min' in p and 'max' in p:
+      out.append({'name': name, 'kind': 'numeric', 'min': p['min'], 'max': p['max'],
+                  'log': 'log' in p.get('distribution', '')})
+  return out
+
+
+def _scored(records: Sequence[dict]) -> list[dict]:
+  return [r for r in records if r.get('best_val_acc') is not None]
+
+
+# ---------------------------------------------------------------------------- importance
+
+
+def _features(records: Sequence[dict], params: Sequence[dict]) -> tuple[list[str], np.ndarray]:
+  """Columns as W&B's importance panel builds them: numbers and booleans as they are, other
+  categorical values one-hot (`optimizer=adam`)."""
+  names, columns = [], []
+  for p in params:
+    values = [r['params'].get(p['name']) for r in records]
+    if all(isinstance(v, (bool, int, float)) for v in values):
+      names.append(p['name'])
+      columns.append([float(v) for v in values])
+    else:
+      for level in sorted({json.dumps(v) for v in values}):
+        names.append(f'{p["name"]}={json.loads(level)}')
+        columns.append([float(json.dumps(v) == level) for v in values])
+  matrix = np.asarray(columns, np.float64).T if columns else np.zeros((len(records), 0))
+  return names, matrix
+
+
+def parameter_importance(records: Sequence[dict], params: Sequence[dict],
+                         seed: int = 0) -> list[dict]:
+  """[{feature, importance, correlation}] over the runs that have a val_acc, by importance.
+
+  Importance: a random forest's impurity importances, fitted on val_acc (None under 3 runs).
+  Correlation: Pearson's r of the feature with val_acc. Constant features are left out, and
+  with fewer than 2 runs there is nothing to compare.
+  """
+  from sklearn.ensemble import RandomForestRegressor
+  runs = _scored(records)
+  if len(runs) < 2:
+    return []
+  names, x = _features(runs, params)
+  y = np.asarray([r['best_val_acc'] for r in runs], np.float64)
+  varying = [i for i in range(x.shape[1]) if np.ptp(x[:, i]) > 0]
+  names, x = [names[i] for i in varying], x[:, varying]
+  if not names:
+    return []
+  importance = [None] * len(names)
+  if len(runs) >= 3 and np.ptp(y) > 0:
+    forest = RandomForestRegressor(n_estimators=200, random_state=seed).fit(x, y)
+    importance = [float(v) for v in forest.feature_importances_]
+  rows = []
+  for i, name in enumerate(names):
+    corr = float(np.corrcoef(x[:, i], y)[0, 1]) if np.ptp(y) > 0 else None
+    rows.append({'feature': name, 'importance': importance[i], 'correlation': corr})
+  return sorted(rows, key=lambda r: -(r['importance'] or 0.0))
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _save(fig: Figure, path: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}.png'
+  fig.savefig(tmp, dpi=120, bbox_inches='tight')
+  os.replace(tmp, path)  # a reader never sees half a PNG
+
+
+def _empty(fig: Figure, message: str) -> None:
+  ax = fig.add_subplot()
+  ax.text(0.5, 0.5, message, ha='center', va='center')
+  ax.set_axis_off()
+
+
+def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
+  runs = sorted(_scored(records), key=lambda r: r['created'])
+  fig = Figure(figsize=(8, 4.5))
+  if not runs:
+    _empty(fig, 'no run has a val_acc yet')
+    _save(fig, path)
+    return
+  t = [mdates.date2num(datetime.datetime.fromisoformat(r['created'])) for r in runs]
+  acc = np.asarray([r['best_val_acc'] for r in runs])
+  ax = fig.add_subplot()
+  ax.step(t, np.maximum.accumulate(acc), where='post', color='0.6', label='best so far')
+  points = ax.scatter(t, acc, c=acc, cmap='viridis', zorder=3, edgecolors='k', linewidths=0.5)
+  fig.colorbar(points, ax=ax, label='val_acc')
+  locator = mdates.AutoDateLocator()
+  ax.xaxis.set_major_locator(locator)
+  ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+  ax.set_xlabel('created (UTC)')
+  ax.set_ylabel('val_acc')
+  failed = len(records) - len(runs)
+  ax.set_title(f'val_acc v. created ({len(runs)} runs' + (f', {failed} failed)' if failed else ')'))
+  ax.legend(loc='lower right')
+  _save(fig, path)
+
+
+def _axis_positions(p: dict, values: Sequence[Any]) -> tuple[np.ndarray, list, list]:
+  """Values -> [0, 1] on this parameter's axis, with tick positions and labels."""
+  if p['kind'] == 'categorical':
+    levels = [json.dumps(v) for v in p['values']]
+    extra = sorted({json.dumps(v) for v in values} - set(levels))
+    levels += extra  # e.g. a value pinned on the command line
+    step = 1 / (len(levels) - 1) if len(levels) > 1 else 0
+    where = {lv: (i * step if len(levels) > 1 else 0.5) for i, lv in enumerate(levels)}
+    ticks = list(where.values())
+    return (np.asarray([where[json.dumps(v)] for v in values]), ticks,
+            [str(json.loads(lv)) for lv in levels])
+  lo, hi = float(p['min']), float(p['max'])
+  f = np.log10 if p['log'] and lo > 0 else (lambda v: np.asarray(v, np.float64))
+  a, b = f(lo), f(hi)
+  span = (b - a) or 1.0
+  tick_values = np.linspace(a, b, 5)
+  shown = 10**tick_values if f is np.log10 else tick_values
+  return ((f(np.asarray(values, np.float64)) - a) / span, list((tick_values - a) / span),
+          [f'{v:.3g}' for v in shown])
+
+
+def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], path: str) -> None:
+  runs = sorted(_scored(records), key=lambda r: r['best_val_acc'])  # best drawn last, on top
+  fig = Figure(figsize=(1.6 * (len(params) + 1) + 2, 5))
+  if not runs or not params:
+    _empty(fig, 'no run has a val_acc yet' if not runs else 'the sweep varies no parameter')
+    _save(fig, path)
+    return
+  acc = np.asarray([r['best_val_acc'] for r in runs])
+  lo, hi = float(acc.min()), float(acc.max())
+  if hi - lo < 1e-9:
+    lo, hi = lo - 0.01, hi + 0.01
+  acc_axis = {'name': 'val_acc', 'kind': 'numeric', 'min': lo, 'max': hi, 'log': False}
+  axes = list(params) + [acc_axis]
+  columns, ticks = [], []
+  for p in axes:
+    values = acc if p is acc_axis else [r['params'].get(p['name']) for r in runs]
+    pos, tick_pos, tick_labels = _axis_positions(p, values)
+    columns.append(pos)
+    ticks.append((tick_pos, tick_labels))
+  ys = np.stack(columns, axis=1)
+  norm = colors.Normalize(lo, hi)
+  cmap = matplotlib.colormaps['viridis']
+  ax = fig.add_subplot()
+  xs = np.arange(len(axes))
+  for y, a in zip(ys, acc):
+    ax.plot(xs, y, color=cmap(norm(a)), alpha=0.85, linewidth=1.5)
+  for x, p, (tick_pos, tick_labels) in zip(xs, axes, ticks):
+    ax.axvline(x, color='0.3', linewidth=1)
+    for tp, tl in zip(tick_pos, tick_labels):
+      ax.text(x - 0.04, tp, tl, ha='right', va='center', fontsize=8,
+              bbox={'facecolor': 'white', 'edgecolor': 'none', 'alpha': 0.7, 'pad': 0.5})
+  ax.set_xticks(xs, [p['name'] for p in axes], rotation=20, ha='right')
+  ax.set_xlim(-0.5, len(axes) - 0.7)
+  ax.set_ylim(-0.05, 1.05)
+  ax.set_yticks([])
+  for side in ('left', 'right', 'top'):
+    ax.spines[side].set_visible(False)
+  fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='val_acc')
+  ax.set_title(f'parallel coordinates, {len(runs)} runs')
+  _save(fig, path)
+
+
+def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
+  fig = Figure(figsize=(10, 0.45 * max(len(rows), 2) + 1.5))
+  if not rows:
+    _empty(fig, 'no parameter varies across runs with a val_acc')
+    _save(fig, path)
+    return
+  names = [r['feature'] for r in rows][::-1]
+  ax_imp, ax_cor = fig.subplots(1, 2, sharey=True)
+  if rows[0]['importance'] is None:
+    ax_imp.text(0.5, 0.5, 'importance needs 3 runs\nwith different val_acc', ha='center',
+                va='center', transform=ax_imp.transAxes)
+  else:
+    ax_imp.barh(names, [r['importance'] for r in rows][::-1], color='tab:blue')
+  ax_imp.set_xlabel('importance (random forest)')
+  corr = [r['correlation'] if r['correlation'] is not None else 0.0 for r in rows][::-1]
+  ax_cor.barh(names, corr, color=['tab:green' if c >= 0 else 'tab:red' for c in corr])
+  ax_cor.axvline(0, color='0.3', linewidth=0.8)
+  ax_cor.set_xlim(-1, 1)
+  ax_cor.set_xlabel('correlation with val_acc')
+  fig.suptitle('parameter importance with respect to val_acc')
+  _save(fig, path)
+
+
+def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> None:
+  fig = Figure(figsize=(8, 4.5))
+  curves = [(r, sweep.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
+  curves = [(r, rows) for r, rows in curves if rows]
+  if not curves:
+    _empty(fig, 'no run has logged an epoch yet')
+    _save(fig, path)
+    return
+  ax = fig.add_subplot()
+  for r, rows in curves:
+    style = '--' if r['state'] == 'stopped' else '-'
+    ax.plot([row['epoch'] for row in rows], [row['val_acc'] for row in rows], style,
+            marker='o', markersize=3, label=r['run'] if len(curves) <= 10 else None)
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('val_acc')
+  ax.set_title('val_acc per epoch (dashed: stopped by hyperband)')
+  if len(curves) <= 10:
+    ax.legend(fontsize=6)
+  _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- summary.md
+
+
+def best_config_block(record: dict, sweep_name: str = '') -> str:
+  """The best run's config as a configs/*.py module: default.get_config() plus its changes."""
+  try:
+    from configs import default
+    defaults = default.get_config().to_dict()
+  except ImportError:  # outside the repository: spell out every field
+    defaults = {}
+  lines = []
+  for key, value in record['config'].items():
+    if key in _MACHINE_FIELDS:
+      continue
+    if key in defaults:
+      old = defaults[key]
+      if isinstance(old, tuple):
+        value = tuple(value)
+      if value == old and type(value) is type(old):
+        continue
+    lines.append(f'  c.{key} = {value!r}')
+  acc = record['best_val_acc']
+  title = f'Best run of sweep {sweep_name}' if sweep_name else 'Best run of a sweep'
+  return '\n'.join([
+      f'"""{title}: val_acc {acc:.4f} at epoch {record["best_epoch"]} of {record["epochs"]}, '
+      f'run {record["run"]}."""',
+      '',
+      'from configs import default',
+      '',
+      '',
+      'def get_config():',
+      '  c = default.get_config()',
+      *lines,
+      '  return c',
+      '',
+  ])
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  return str(value).replace('|', '\\|')
+
+
+def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[dict],
+                     images: dict[str, str]) -> str:
+  params = searched_parameters(spec)
+  ranked = sorted(_scored(records), key=lambda r: -r['best_val_acc'])
+  states = {s: sum(r['state'] == s for r in records) for s in ('finished', 'stopped', 'failed')}
+  metric = spec.get('metric', {})
+  name = spec.get('name', '')
+  out = [f'# Sweep report{": " + name if name else ""}', '',
+         f'{len(records)} runs: {states["finished"]} finished, {states["stopped"]} stopped early '
+         f'by hyperband, {states["failed"]} failed. Method {spec.get("method", "?")}, metric '
+         f'{metric.get("name", "val_acc")} ({metric.get("goal", "maximize")}). val_acc is the best '
+         f'epoch\'s validation accuracy (the checkpoint each run keeps).', '',
+         f'## Top {min(TOP_RUNS, len(ranked))} runs', '']
+  header = ['#', 'run', 'val_acc', 'final val_acc', 'best epoch', 'epochs', 'state',
+            'minutes'] + [p['name'] for p in params]
+  out += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for i, r in enumerate(ranked[:TOP_RUNS]):
+    cells = [i + 1, r['run'], r['best_val_acc'], r['final_val_acc'], r['best_epoch'],
+             r['epochs'], r['state'], (r.get('wall_time_s') or 0) / 60]
+    cells += [r['params'].get(p['name']) for p in params]
+    out.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
+  if ranked:
+    out += ['', '## Best config', '',
+            f'Save as `configs/best_sweep.py` (also written to `{REPORT_DIR}/best_config.py`) and '
+            f'train with `python main.py --config=configs/best_sweep.py --workdir=WORKDIR`:', '',
+            '```python', best_config_block(ranked[0], name).rstrip(), '```']
+  if importance:
+    out += ['', '## Parameter importance (val_acc)', '',
+            '| parameter | importance | correlation |', '|---|---|---|']
+    out += [f'| {_cell(r["feature"])} | {_cell(r["importance"])} | {_cell(r["correlation"])} |'
+            for r in importance]
+  failed = [r for r in records if r['state'] == 'failed']
+  if failed:
+    out += ['', '## Failed runs', '', '| run | error |', '|---|---|']
+    out += [f'| {_cell(r["run"])} | {_cell((r.get("error") or "").splitlines()[0][:300])} |'
+            for r in failed]
+  out += ['', '## Plots', '']
+  out += [f'![{title}]({os.path.basename(p)})' for title, p in images.items()]
+  return '\n'.join(out) + '\n'
+
+
+def write_report(workdir: str) -> dict[str, str]:
+  """Writes WORKDIR/report/ from sweep_results.jsonl and the runs' metrics; returns the paths."""
+  records = sweep.read_results(workdir)
+  spec = _load_spec(workdir, records)
+  params = searched_parameters(spec)
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: os.path.join(out_dir, f'{name}.png') for name in (
+      'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
+  importance = parameter_importance(records, params)
+  plot_val_acc_vs_created(records, paths['val_acc_vs_created'])
+  plot_parallel_coordinates(records, params, paths['parallel_coordinates'])
+  plot_parameter_importance(importance, paths['parameter_importance'])
+  plot_val_acc_curves(records, workdir, paths['val_acc_curves'])
+  ranked = sorted(_scored(records), key=lambda r: -r['best_val_acc'])
+  if ranked:
+    paths['best_config'] = os.path.join(out_dir, 'best_config.py')
+    _write_text(paths['best_config'], best_config_block(ranked[0], spec.get('name', '')))
+  paths['summary'] = os.path.join(out_dir, 'summary.md')
+  images = {name.replace('_', ' '): paths[name] for name in (
+      'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
+  _write_text(paths['summary'], summary_markdown(records, spec, importance, images))
+  print(f'sweep report: {out_dir}/ ({len(records)} runs'
+        + (f', best val_acc {ranked[0]["best_val_acc"]:.4f}: {ranked[0]["run"]})' if ranked
+           else ')'))
+  return paths
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
+                     argv_rest: Sequence[str]) -> int:
+  """--mode=sweep_report: the report of the sweep in `workdir` (the config is not needed)."""
+  del config
+  if argv_rest:
+    raise sweep.SweepError(f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
+  if not os.path.exists(os.path.join(workdir, sweep.RESULTS_FILE)):
+    raise sweep.SweepError(f'no {sweep.RESULTS_FILE} in {workdir}: run a sweep there first '
+                           f'(--mode=sweep --sweep_config=configs/sweep.yaml)')
+  write_report(workdir)
+  return 0
