@@ -101,6 +101,20 @@ def resolve_config(mode: str, workdir: str):
   return config
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a --config.FIELD the config lacks is one line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as e:  # ml_collections: AttributeError(KeyError("'field'\nDid you mean"))
+    detail = e.args[0] if e.args else e
+    detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else str(detail)
+    field, _, hint = str(detail).partition('\n')
+    print(f'error: --config.{field.strip(chr(39))} is not a field of the config. '
+          f'{hint + " " if hint else ""}configs/default.py lists every field with its meaning.',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step of every save at INFO
@@ -123,4 +137,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -6,6 +6,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 import tqdm
 
@@ -46,6 +47,8 @@ def extract(archive: pathlib.Path, into: pathlib.Path) -> None:
       z.extractall(tmp)
   except zipfile.BadZipFile as e:
     raise DatasetError(f'{archive} is not a valid zip ({e}); delete it and run again') from None
+  except zlib.error as e:  # damaged compressed data: testzip only reports CRC mismatches
+    raise DatasetError(f'{archive} is corrupt ({e}); delete it and run again') from None
   for name in os.listdir(tmp):
     target = into / name
     if not target.exists():

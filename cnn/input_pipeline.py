@@ -15,6 +15,7 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
 import sys
 from typing import Iterator
 
@@ -228,14 +229,18 @@ def load_dataset(config) -> Dataset:
   name = f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
   root = _cache_root(config.cache_dir)
   root.mkdir(parents=True, exist_ok=True)
-  with _quiet_tfds():
-    builder = ImageFolderCache(splits=splits, class_names=class_names,
-                               image_size=config.image_size, name=name, data_dir=str(root))
   # TFDS writes into a temporary folder and renames it, so a killed build leaves nothing
   # half-written; the lock makes concurrent sweep runs build once and share the result.
   with open(root / f'{name}.lock', 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
+    # Made under the lock: a builder made earlier would not see splits another process wrote.
+    with _quiet_tfds():
+      builder = ImageFolderCache(splits=splits, class_names=class_names,
+                                 image_size=config.image_size, name=name, data_dir=str(root))
     if not builder.is_prepared():
+      # A build killed earlier leaves its temporary folder; under the lock nobody else uses it.
+      for stale in pathlib.Path(builder.data_dir).parent.glob('incomplete.*'):
+        shutil.rmtree(stale, ignore_errors=True)
       print(f'decoding {sum(len(s.paths) for s in splits.values())} images once into {root}',
             flush=True)
       builder.download_and_prepare()

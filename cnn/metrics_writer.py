@@ -117,4 +117,6 @@ def _unreachable(url: str, timeout: float = 10.0) -> str | None:
 def _init_offline(wandb, workdir: str, kwargs: dict, why: str):
   print(f'warning: W&B online failed ({why}); logging offline to {workdir}/wandb instead, '
         'upload later with `wandb sync`', file=sys.stderr, flush=True)
+  # A failed online init can leave its run id taken in wandb's service process: start afresh.
+  wandb.teardown()
   return wandb.init(mode='offline', **kwargs)
