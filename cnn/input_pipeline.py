@@ -23,7 +23,8 @@ from absl import logging
 
 import numpy as np
 
-# TensorFlow's C++ start-up chatter (no CUDA here, cuInit failed, ...) is not for our users.
+# TensorFlow's C++ INFO/WARNING logs (buffer sizes, ...) are not for our users. Its CUDA probe
+# lines at import come before its logger starts and cannot be silenced.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds
