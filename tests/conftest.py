@@ -1,7 +1,10 @@
 """Shared fixtures: tiny generated image folders, the real photos when present, a tiny config."""
 
+import glob
 import os
 import pathlib
+import struct
+import time
 
 import numpy as np
 from PIL import Image
@@ -78,3 +81,46 @@ def fullres_dir() -> pathlib.Path:
   if not (path / 'train').is_dir():
     pytest.skip(f'full-resolution photos not found at {path} (set CNN_TEST_DATA)')
   return path
+
+
+def wandb_records(path) -> list:
+  """The protobuf records of an offline run's .wandb file.
+
+  A LevelDB-style log after a 7-byte header: 32 KiB blocks of [crc32, length, type] chunks,
+  type 1 a whole record, 2-4 its first/middle/last part.
+  """
+  from wandb.proto import wandb_internal_pb2
+  data = pathlib.Path(path).read_bytes()
+  assert data[:4] == b':W&B'
+  pos, block, records, pending = 7, 32 * 1024, [], b''
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is padding
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    if kind == 0:
+      break
+    pending += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # FULL or LAST piece of a record
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(pending)
+      records.append(record)
+      pending = b''
+  return records
+
+
+def finished_wandb_records(run_dir, timeout: float = 90.0) -> list:
+  """Records of the offline run in `run_dir` once complete.
+
+  wandb's service process writes the .wandb file after the run (even its process) has ended,
+  so wait for the file and its exit record.
+  """
+  deadline = time.time() + timeout
+  while True:
+    files = glob.glob(os.path.join(str(run_dir), 'run-*.wandb'))
+    records = wandb_records(files[0]) if files else []
+    if 'exit' in [r.WhichOneof('record_type') for r in records]:
+      return records
+    assert time.time() < deadline, f'no finished .wandb file in {run_dir} after {timeout} s'
+    time.sleep(0.2)

@@ -7,7 +7,6 @@ import os
 import pathlib
 import re
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import conftest
 from cnn import checkpoints
 from cnn import config as config_lib
 from cnn import input_pipeline
@@ -257,39 +257,10 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
 # ---------------------------------------------------------------------------- W&B
 
 
-def _wandb_records(run_file: str) -> list:
-  """The records of an offline run's .wandb file (a LevelDB-style log of protobufs)."""
-  from wandb.proto import wandb_internal_pb2
-  data = pathlib.Path(run_file).read_bytes()
-  assert data[:4] == b':W&B'
-  pos, block, records, pending = 7, 32 * 1024, [], b''
-  while pos + 7 <= len(data):
-    if block - pos % block < 7:  # a block's tail too short for a header is padding
-      pos += block - pos % block
-      continue
-    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
-    if kind == 0:
-      break
-    pending += data[pos + 7:pos + 7 + length]
-    pos += 7 + length
-    if kind in (1, 4):  # FULL or LAST piece of a record
-      record = wandb_internal_pb2.Record()
-      record.ParseFromString(pending)
-      records.append(record)
-      pending = b''
-  return records
-
-
 def _wandb_history(workdir: pathlib.Path) -> tuple[str, list[dict]]:
   """(run id, logged rows) of the single offline run under WORKDIR/wandb."""
-  (run_file,) = glob.glob(str(workdir / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
-  # wandb's service process writes the file after run.finish() returns: wait for the end record.
-  deadline = time.time() + 60
-  records = _wandb_records(run_file)
-  while 'exit' not in [r.WhichOneof('record_type') for r in records]:
-    assert time.time() < deadline, f'{run_file} never got its exit record'
-    time.sleep(0.2)
-    records = _wandb_records(run_file)
+  (run_dir,) = glob.glob(str(workdir / 'wandb' / 'offline-run-*'))
+  records = conftest.finishedconftest.wandb_records(run_dir)
   rows, run_id = [], None
   for r in records:
     kind = r.WhichOneof('record_type')

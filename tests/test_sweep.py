@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from wandb.sdk.launch.sweeps import utils as agent_utils
 from wandb.sdk.lib import config_util
 import yaml
 
+from tests import conftest
 from cnn import config as config_lib
 from cnn import models
 from cnn import sweep
@@ -510,9 +510,10 @@ def test_offline_sweep_logs_each_run_to_wandb_offline(tiny_config, tmp_path):
   records = results_lines(workdir)
   assert [r['state'] for r in records] == ['finished', 'finished'], records
   for r in records:
-    files = list((workdir / r['workdir'] / 'wandb').glob('offline-run-*/run-*.wandb'))
-    assert len(files) == 1  # one W&B run per sweep run, kept beside it for `wandb sync`
-    run = [x.run for x in wandb_records(files[0]) if x.WhichOneof('record_type') == 'run'][-1]
+    run_dirs = list((workdir / r['workdir'] / 'wandb').glob('offline-run-*'))
+    assert len(run_dirs) == 1  # one W&B run per sweep run, kept beside it for `wandb sync`
+    run = [x.run for x in conftest.finished_wandb_records(run_dirs[0])
+           if x.WhichOneof('record_type') == 'run'][-1]
     assert (run.display_name, run.run_group, run.job_type) == (r['run'], 'wbgroup', 'sweep')
     assert r['config']['wandb_mode'] == 'offline'
 
@@ -534,7 +535,7 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tiny_config, tmp_path):
   for r in records[:2]:
     assert r['error'].startswith('ConfigError: image_size=32 is too small')
     assert r['epochs'] == 0 and r['best_val_acc'] is None
-  assert records[2]['error'].startswith('TrainingDiverged: the training loss became NaN/inf')
+  assert records[2]['error'].startswith('TrainingDiverged: the training loss or parameters became NaN/inf')
   with open(os.path.join(workdir, records[2]['workdir'], 'error.txt')) as f:
     assert 'Traceback' in f.read()
   assert records[3]['error'] is None and records[3]['best_val_acc'] > 0
@@ -587,34 +588,9 @@ def test_wandb_agent_command_runs_main_with_the_agent_values(tiny_config, tmp_pa
   assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
   offline_runs = list((workdir / 'wandb').glob(f'offline-run-*-{run_id}'))
   assert len(offline_runs) == 1  # W&B offline, under the agent's run id
-  files = list(offline_runs[0].glob('*.wandb'))
-  assert files, sorted(p.name for p in offline_runs[0].rglob('*'))
-  run = [r.run for r in wandb_records(files[0])
+  run = [r.run for r in conftest.finished_wandb_records(offline_runs[0])
          if r.WhichOneof('record_type') == 'run'][-1]
   assert (run.display_name, run.run_id, run.sweep_id) == (name, run_id, sweep_id)
-
-
-def wandb_records(path: pathlib.Path) -> list:
-  """The protobuf records of an offline run's .wandb file.
-
-  A LevelDB-style log after a 7-byte header: 32 KiB blocks of [crc32, length, type] chunks,
-  type 1 a whole record, 2-4 its first/middle/last part.
-  """
-  from wandb.proto import wandb_internal_pb2
-  data, pos, pending, records = path.read_bytes(), 7, b'', []
-  while pos + 7 <= len(data):
-    if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-      pos += 32768 - pos % 32768
-      continue
-    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
-    pending += data[pos + 7:pos + 7 + length]
-    pos += 7 + length
-    if kind in (1, 4):
-      record = wandb_internal_pb2.Record()
-      record.ParseFromString(pending)
-      records.append(record)
-      pending = b''
-  return records
 
 
 @pytest.mark.slow
