@@ -12,12 +12,13 @@ OPTIMIZERS = ('adam', 'adamw', 'nadam', 'sgd', 'rmsprop')
 PADDINGS = ('VALID', 'SAME')
 WANDB_MODES = ('', 'online', 'offline', 'disabled')
 DTYPES = ('float32', 'bfloat16')
+CONV_IMPLS = ('xla', 'cpu_eigen')
 
 # Fields that do not change what a run computes: a workdir may be resumed with other values.
 NON_RUN_FIELDS = frozenset({
     'data_dir', 'download', 'dataset_url', 'cache_dir', 'wandb_mode', 'wandb_project',
     'wandb_entity', 'run_name', 'checkpoint_every_steps', 'new_run', 'num_epochs',
-    'early_stopping_patience', 'eval_batch_size', 'eval_image_seed',
+    'early_stopping_patience', 'eval_batch_size', 'eval_image_seed', 'conv_impl',
     'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
     'guided_bp_method',
 })
@@ -60,6 +61,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(c.optimizer in OPTIMIZERS,
          f'unknown optimizer {c.optimizer!r}; known: {", ".join(OPTIMIZERS)}')
   _check(c.dtype in DTYPES, f'dtype={c.dtype!r} is not one of {DTYPES}')
+  _check(c.conv_impl in CONV_IMPLS, f'conv_impl={c.conv_impl!r} is not one of {CONV_IMPLS}')
   _check(c.wandb_mode in WANDB_MODES,
          f'wandb_mode={c.wandb_mode!r}; use online, offline, disabled or "" (auto)')
   for name in ('conv_layers', 'kernel_size', 'first_layer_filters', 'dense_size', 'image_size',

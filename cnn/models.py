@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn import activations
+from cnn import layers
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -43,14 +44,16 @@ class CNN(nn.Module):
   dropout: float = 0.0
   activation: str = 'relu'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # 'xla': nn.Conv; 'cpu_eigen': layers.Conv (same params and results)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     act = activations.get_activation(self.activation)
     x = x.astype(self.dtype)  # (B, H, W, 3) in [0, 1]
     for i, f in enumerate(self.filters):
-      x = nn.Conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
-                  dtype=self.dtype, name=f'conv{i + 1}')(x)
+      conv = layers.Conv if self.conv_impl == 'cpu_eigen' else nn.Conv
+      x = conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
+               dtype=self.dtype, name=f'conv{i + 1}')(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                          dtype=self.dtype, name=f'bn{i + 1}')(x)
@@ -81,6 +84,7 @@ def create_model(config, num_classes: int) -> CNN:
       dropout=config.dropout,
       activation=config.activation,
       dtype=jnp.dtype(config.dtype),
+      conv_impl=config.get('conv_impl', 'xla'),  # absent from runs saved before it existed
   )
 
 

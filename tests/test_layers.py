@@ -9,6 +9,9 @@ from cnn import layers
 from cnn import models
 from configs import default
 
+# Minutes on 2 cores: in the slow suite (CI runs it); test_models checks the model-level swap.
+pytestmark = pytest.mark.slow
+
 # (batch, height, width, in, out, kernel, padding): odd and even kernels, non-square images,
 # the RGB layer's im2col path (kh*kw*in <= 32) and the Eigen path, a kernel wider than the input.
 CASES = [
@@ -109,11 +112,11 @@ def test_max_pool_gradient_equals_autodiff_of_reshape_max():
   assert dx.shape == x.shape and not dx[:, 8].any() and not dx[:, :, 6].any()
 
 
-def _train_losses(monkeypatch, conv_cls, steps=4):
-  """Losses of a few Adam steps of the 5-block BN model, with `conv_cls` as its conv layer."""
-  monkeypatch.setattr(layers, 'Conv', conv_cls)
+def _train_losses(conv_impl, steps=4):
+  """Losses of a few Adam steps of the 5-block BN model with config.conv_impl = `conv_impl`."""
   c = default.get_config()
   c.first_layer_filters, c.batch_norm, c.dropout, c.dense_size = 8, True, 0.2, 16
+  c.conv_impl = conv_impl
   model = models.create_model(c, num_classes=4)
   variables = models.init_variables(model, 96, jax.random.PRNGKey(0))
   images = jax.random.uniform(jax.random.PRNGKey(1), (8, 96, 96, 3))
@@ -130,6 +133,8 @@ def _train_losses(monkeypatch, conv_cls, steps=4):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), upd['batch_stats'], opt_state, loss
 
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
+  assert ('custom_vjp_call' in jaxpr) == (conv_impl == 'cpu_eigen')  # the layer really is used
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state, losses = tx.init(params), []
   for i in range(steps):
@@ -139,9 +144,9 @@ def _train_losses(monkeypatch, conv_cls, steps=4):
   return variables, params, losses
 
 
-def test_model_trains_like_the_plain_flax_model(monkeypatch):
-  v_new, p_new, new = _train_losses(monkeypatch, layers.Conv)
-  v_ref, p_ref, ref = _train_losses(monkeypatch, nn.Conv)
+def test_model_trains_like_the_plain_flax_model():
+  v_new, p_new, new = _train_losses('cpu_eigen')  # cnn.layers.Conv
+  v_ref, p_ref, ref = _train_losses('xla')  # nn.Conv
   # Same parameter tree and initial values: checkpoints are interchangeable.
   jax.tree_util.tree_map(np.testing.assert_array_equal, v_new, v_ref)
   assert sorted(v_new['params']) == ['bn1', 'bn2', 'bn3', 'bn4', 'bn5', 'bn_dense', 'conv1',

@@ -67,3 +67,19 @@ def test_activation_is_selectable_by_name():
   assert len({o.tobytes() for o in outs.values()}) == len(outs)  # each really changes the net
   with pytest.raises(ValueError, match='unknown activation'):
     models.create_model(c.copy_and_resolve_references(), 10).clone(activation='swish2').apply(v, x)
+
+
+def test_cpu_eigen_convolutions_are_a_drop_in_for_nn_conv():
+  c = optimal.get_config()
+  c.first_layer_filters, c.image_size, c.conv_impl = 8, 96, 'cpu_eigen'
+  fast = models.create_model(c, 10)
+  plain = fast.clone(conv_impl='xla')
+  v = models.init_variables(plain, 96, jax.random.PRNGKey(0))
+  v_fast = models.init_variables(fast, 96, jax.random.PRNGKey(0))
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_fast)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 96, 96, 3))
+  np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-4, atol=1e-4)
+  loss = lambda m: lambda p: m.apply({**v, 'params': p}, x).sum()
+  g_fast, g_plain = jax.grad(loss(fast))(v['params']), jax.grad(loss(plain))(v['params'])
+  for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

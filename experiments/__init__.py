@@ -1,0 +1,1 @@
+"""Benchmarks and one-off measurements; not part of the installed package."""
