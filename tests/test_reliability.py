@@ -260,7 +260,7 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
 def _wandb_history(workdir: pathlib.Path) -> tuple[str, list[dict]]:
   """(run id, logged rows) of the single offline run under WORKDIR/wandb."""
   (run_dir,) = glob.glob(str(workdir / 'wandb' / 'offline-run-*'))
-  records = conftest.finishedconftest.wandb_records(run_dir)
+  records = conftest.finished_wandb_records(run_dir)
   rows, run_id = [], None
   for r in records:
     kind = r.WhichOneof('record_type')
