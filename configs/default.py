@@ -30,8 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dropout = 0.0  # dropout after the dense layer only, as in the reference
   c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
   # Convolution kernels: 'xla' (nn.Conv) or 'cpu_eigen' (cnn/layers.py: same parameters and
-  # results, ~3x faster training on XLA:CPU for VALID k3 at >= 96 px, slower for SAME or k5+
-  # at 64 px; see experiments/benchmark.py). Use 'xla' on GPU/TPU.
+  # results; on XLA:CPU 1.8-2.6x faster training for VALID models, ~1x for SAME; see
+  # experiments/benchmark.py). Use 'xla' on GPU/TPU and with forward-mode autodiff.
   c.conv_impl = 'xla'
 
   # Optimisation.
