@@ -82,10 +82,6 @@ def load_best_model(config: ml_collections.ConfigDict,
   return model, variables, list(names), meta
 
 
-def has_checkpoint(workdir: str) -> bool:
-  return (pathlib.Path(workdir) / 'checkpoints' / 'latest').is_dir()
-
-
 def write_json(path: str | os.PathLike, data: Any) -> None:
   """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
   tmp = f'{path}.tmp{os.getpid()}'
