@@ -12,7 +12,7 @@ OPTIMIZERS = ('adam', 'adamw', 'nadam', 'sgd', 'rmsprop')
 PADDINGS = ('VALID', 'SAME')
 WANDB_MODES = ('', 'online', 'offline', 'disabled')
 DTYPES = ('float32', 'bfloat16')
-CONV_IMPLS = ('xla', 'cpu_eigen')
+CONV_IMPLS = ('auto', 'xla', 'cpu_eigen')
 
 # Fields that do not change what a run computes: a workdir may be resumed with other values.
 NON_RUN_FIELDS = frozenset({

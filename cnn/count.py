@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cnn import checkpoints
+from cnn import layers
 from cnn import models
 
 # The reference's dataset (iNaturalist 12K) has 10 classes; `count` needs no data folder.
@@ -64,7 +65,7 @@ def _abstract_variables(model: models.CNN, image_size: int) -> dict:
 def layer_costs(model: models.CNN, image_size: int) -> list[LayerCost]:
   """Every layer of `model` on one image_size x image_size RGB image, in forward order.
 
-  Shapes come from tracing the model (no compute) and recording each nn.Conv's output, so the
+  Shapes come from tracing the model (no compute) and recording each convolution's output, so the
   count follows the code, not a copy of its arithmetic.
   """
   variables = _abstract_variables(model, image_size)
@@ -75,7 +76,7 @@ def layer_costs(model: models.CNN, image_size: int) -> list[LayerCost]:
 
   def record(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
-    if isinstance(context.module, nn.Conv) and context.method_name == '__call__':
+    if isinstance(context.module, (nn.Conv, layers.Conv)) and context.method_name == '__call__':
       conv_out[context.module.name] = tuple(y.shape[1:])
     return y
 
@@ -124,6 +125,8 @@ def xla_forward_flops(model: models.CNN, image_size: int) -> float:
   element of elementwise ops (bias add, activation, batch norm) and window-1 per output of a
   reduction (the 2x2 max pool: 3). Variables are arguments, not constants, so nothing folds away.
   """
+  # The textbook convolutions: cnn.layers.Conv computes extra zero columns to pick a kernel.
+  model = model.clone(conv_impl='xla')
   variables = _abstract_variables(model, image_size)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   cost = jax.jit(model.apply).lower(variables, x).compile().cost_analysis()

@@ -11,12 +11,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import os
 import pathlib
 import re
 import shutil
 import sys
+import time
 from typing import Iterator
 
 from absl import logging
@@ -31,6 +33,8 @@ import tensorflow_datasets as tfds
 
 # TensorFlow only decodes images here: keep it off the accelerators JAX uses.
 tf.config.set_visible_devices([], 'GPU')
+# Its bars for an internal shuffle and write are noise; load_dataset says what it does.
+tfds.disable_progress_bar()
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Formats tf.io.decode_image reads, told apart by content so a wrong or missing suffix is harmless.
@@ -128,28 +132,45 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
-def _decode_resize(data: tf.Tensor, image_size: int) -> np.ndarray:
-  """Bytes of a JPEG/PNG/GIF/BMP -> (S, S, 3) uint8, bilinear with antialiasing."""
-  if tf.io.is_jpeg(data):
-    # Decoding at 1/2, 1/4 or 1/8 scale in the DCT is several times faster for large photos.
-    h, w = tf.io.extract_jpeg_shape(data).numpy()[:2]
-    ratio = 1
-    while ratio < 8 and min(h, w) // (ratio * 2) >= image_size:
-      ratio *= 2
-    img = tf.io.decode_jpeg(data, channels=3, ratio=ratio)
-  else:
-    img = tf.io.decode_image(data, channels=3, expand_animations=False)
-  img = tf.image.resize(img, (image_size, image_size), antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8).numpy()
+@tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+def _decode_resize(path: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
+  """A JPEG/PNG/GIF/BMP file -> (S, S, 3) uint8, bilinear with antialiasing.
+
+  One graph per image: eager ops would cost more than decoding a small JPEG, and the graph
+  runs without the GIL, so threads decode in parallel.
+  """
+  data = tf.io.read_file(path)
+
+  def jpeg():
+    # Decoding at 1/2, 1/4 or 1/8 scale in the DCT is several times faster for large photos;
+    # take the smallest scale that still has image_size pixels on the short side.
+    short = tf.reduce_min(tf.io.extract_jpeg_shape(data)[:2])
+    scale = tf.add_n([tf.cast(short // r >= image_size, tf.int32) for r in (2, 4, 8)])
+    return tf.switch_case(scale, [functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r)
+                                  for r in (1, 2, 4, 8)])
+
+  def other():
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+  img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  img = tf.image.resize(img, tf.stack([image_size, image_size]), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
 
 
 def read_image(path: str, image_size: int) -> np.ndarray:
   """One file -> (S, S, 3) uint8; ImageReadError says which file and why."""
   try:
-    return _decode_resize(tf.io.read_file(str(path)), image_size)
+    return _decode_resize(tf.constant(str(path)), tf.constant(image_size, tf.int32)).numpy()
   except (tf.errors.OpError, ValueError) as e:
-    msg = _TF_NOISE.sub('', getattr(e, 'message', str(e)).strip().splitlines()[0])
-    raise ImageReadError(f'{path}: not a readable image ({msg})') from None
+    raise ImageReadError(f'{path}: not a readable image ({_reason(e)})') from None
+
+
+def _reason(error: Exception) -> str:
+  """The decoder's own words from a TF error, without the graph's node and traceback lines."""
+  lines = [line for line in getattr(error, 'message', str(error)).splitlines()
+           if line.strip() and not line.startswith((' ', '\t', 'Graph execution error',
+                                                     'Detected at node'))]
+  return _TF_NOISE.sub('', lines[-1]) if lines else type(error).__name__
 
 
 def _fingerprint(splits: dict[str, FileList], class_names: list[str]) -> str:
@@ -180,6 +201,12 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
         'index': np.int64,  # position in discover()'s file list: TFDS reorders examples
     }))
 
+  def _log_download_bytes(self):
+    pass  # TFDS's "Downloading and preparing dataset Unknown size ...": load_dataset says it
+
+  def _log_download_done(self):
+    pass
+
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in SPLITS}
 
@@ -192,8 +219,8 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
       except ImageReadError:
         return i, None  # load_dataset names it, on this run and on every run using the cache
 
-    # TF's decoders release the GIL, so threads decode in parallel.
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    # Two per core: while one thread reads a file or converts a result, the other decodes.
+    with concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
       for i, img in pool.map(decode, range(len(files.paths))):
         if img is not None:
           yield i, {'image': img, 'label': files.labels[i], 'index': i}
@@ -242,9 +269,11 @@ def load_dataset(config) -> Dataset:
       # A build killed earlier leaves its temporary folder; under the lock nobody else uses it.
       for stale in pathlib.Path(builder.data_dir).parent.glob('incomplete.*'):
         shutil.rmtree(stale, ignore_errors=True)
-      print(f'decoding {sum(len(s.paths) for s in splits.values())} images once into {root}',
-            flush=True)
+      n, t = sum(len(s.paths) for s in splits.values()), time.perf_counter()
+      print(f'decoding {n} images once into {root} ...', flush=True)
       builder.download_and_prepare()
+      t = time.perf_counter() - t
+      print(f'cache built: {n} images in {t:.1f} s ({n / t:.0f} images/s)', flush=True)
     fcntl.flock(lock, fcntl.LOCK_UN)
 
   with _quiet_tfds():

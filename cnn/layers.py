@@ -1,9 +1,11 @@
-"""Drop-in layers that train the reference CNN (VALID, 3x3, >= 96 px) faster on XLA:CPU.
+"""Drop-in layers that train the reference CNN several times faster on XLA:CPU.
 
-Opt-in through config.conv_impl='cpu_eigen'. Measured train steps on 2 shared cores: the
-optimal model (VALID 3x3, 64 filters, BN) 2.0-2.4x faster than with nn.Conv at 96-256 px;
-32 filters with BN: VALID 3x3 at 96 px 1.8x, VALID 5x5 at 200 px 2.6x, SAME 3x3 at 64 and
-128 px 1.1x, SAME 5x5 and 7x7 at 64 px 0.93x and 0.98x. Pointless on GPU/TPU.
+Used when config.conv_impl is 'cpu_eigen', or 'auto' (the default) on the CPU backend; pointless
+on GPU/TPU. Measured train steps on 2 shared cores, against nn.Conv: the optimal model (3x3,
+64 filters, BN) 2.0-2.4x faster with VALID padding at 96-256 px and 1.8x with SAME at 64 px;
+32 filters with BN: VALID 3x3 at 96 px 1.8x, VALID 5x5 at 200 px 2.6x; SAME 64 px sweep models
+whose last blocks are smaller than their kernel 2.5-18x (32 filters, filter_org 2, kernel 5:
+7.8 -> 84.7 images/s).
 
 `Conv`: `nn.Conv` (stride 1, any padding) with the same parameters ('kernel' (kh, kw, in, out),
 'bias' (out,)), initialisers and results. XLA:CPU hands a plain 2-D f32 convolution to
@@ -13,7 +15,9 @@ convolution whose output or kernel is wider than its input, so each convolution 
 input gradient, filter gradient, tied together with `jax.custom_vjp`) gets a few extra zero
 columns that make it so, and Eigen runs it; the extra columns are sliced off. The RGB layer's
 forward pass (27 values per patch) runs as one patches matmul instead, and its filter
-gradient a quarter of the batch at a time.
+gradient a quarter of the batch at a time. A kernel larger than its input (the last blocks of a
+SAME model at 64 px) sends every pass to the patches matmul: both XLA and Eigen are 50-100x
+slower there.
 
 `max_pool_2x2`: the model's 2x2 max pool with a one-pass gradient.
 """
@@ -53,12 +57,17 @@ def _conv_eigen(lhs: jax.Array, rhs: jax.Array, pads: Pads) -> jax.Array:
   return y[:, :, :out_w] if extra else y
 
 
-def _filter_grad(x: jax.Array, g: jax.Array, pads: Pads) -> jax.Array:
+def _filter_grad(x: jax.Array, g: jax.Array, pads: Pads, kernel: tuple[int, int]) -> jax.Array:
   """d(conv(x, w))/dw contracted with g: (kh, kw, C_in, C_out).
 
   With few input channels the contraction has only kh*kw*C_in rows and Eigen runs faster on
   a few images at a time (~1.4x for the RGB layer, measured); with many it does not.
   """
+  if _kernel_exceeds(x, kernel):
+    kh, kw = kernel
+    patches = _patches(x, kh, kw, pads)
+    dw = patches.reshape(-1, patches.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    return dw.reshape(kh, kw, x.shape[-1], g.shape[-1])
   n = FILTER_GRAD_CHUNKS if x.shape[-1] <= CHUNK_MAX_CHANNELS else 1
   if n <= 1 or x.shape[0] % n:
     return _filter_grad_eigen(x, g, pads)
@@ -85,14 +94,36 @@ def _filter_grad_eigen(x: jax.Array, g: jax.Array, pads: Pads) -> jax.Array:
   return dw.transpose(1, 2, 0, 3)
 
 
-def _conv_im2col(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
-  """The convolution as one (B*H*W, kh*kw*C) x (kh*kw*C, O) matmul of shifted input copies."""
-  kh, kw, c, o = w.shape
+def _kernel_exceeds(x: jax.Array, kernel: tuple[int, int]) -> bool:
+  """A kernel taller or wider than its input (a small last block under SAME padding).
+
+  Eigen and XLA run such a convolution 50-100x slower than the patches matmul (measured: a
+  4x4 input, 5x5 kernel, 256 -> 512 channels took 2.8 s forward, the matmul 21 ms); with the
+  kernel inside the input, Eigen is the faster one.
+  """
+  return kernel[0] > x.shape[1] or kernel[1] > x.shape[2]
+
+
+def _patches(x: jax.Array, kh: int, kw: int, pads: Pads) -> jax.Array:
+  """(B, Ho, Wo, kh*kw*C): every output position's receptive field, as shifted input copies."""
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  b, h, wd, _ = x.shape
-  ho, wo = h - kh + 1, wd - kw + 1
-  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
-  return (patches.reshape(-1, kh * kw * c) @ w.reshape(kh * kw * c, o)).reshape(b, ho, wo, o)
+  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  return jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
+
+
+def _conv_im2col(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
+  """The convolution as one (B*Ho*Wo, kh*kw*C) x (kh*kw*C, O) matmul of shifted input copies."""
+  kh, kw, c, o = w.shape
+  patches = _patches(x, kh, kw, pads)
+  return (patches.reshape(-1, kh * kw * c) @ w.reshape(kh * kw * c, o)).reshape(
+      *patches.shape[:3], o)
+
+
+def _conv(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
+  """The faster of the patches matmul and Eigen for this layer's shapes."""
+  if _kernel_exceeds(x, w.shape[:2]):
+    return _conv_im2col(x, w, pads)
+  return _conv_eigen(x, w, pads)
 
 
 def _forward(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
@@ -100,7 +131,7 @@ def _forward(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
   # the patches matmul runs at ~70; its patch copy is only kh*kw*C <= 32 values per pixel.
   if w.shape[0] * w.shape[1] * w.shape[2] <= IM2COL_MAX_DEPTH:
     return _conv_im2col(x, w, pads)
-  return _conv_eigen(x, w, pads)
+  return _conv(x, w, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -120,8 +151,8 @@ def _conv2d_bwd(pads, res, g):
   # Input gradient: the transposed convolution, a correlation of g with the flipped kernel.
   w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
   dx_pads = ((kh - 1 - ph[0], kh - 1 - ph[1]), (kw - 1 - pw[0], kw - 1 - pw[1]))
-  dx = _conv_eigen(g, w_t, dx_pads)
-  dw = _filter_grad(x, g, pads)
+  dx = _conv(g, w_t, dx_pads)
+  dw = _filter_grad(x, g, pads, (kh, kw))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -29,10 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_norm = False  # batch norm after every conv and the dense layer
   c.dropout = 0.0  # dropout after the dense layer only, as in the reference
   c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
-  # Convolution kernels: 'xla' (nn.Conv) or 'cpu_eigen' (cnn/layers.py: same parameters and
-  # results; on XLA:CPU 1.8-2.6x faster training for VALID models, ~1x for SAME; see
-  # experiments/benchmark.py). Use 'xla' on GPU/TPU and with forward-mode autodiff.
-  c.conv_impl = 'xla'
+  # Convolution kernels: 'xla' (nn.Conv), 'cpu_eigen' (cnn/layers.py: same parameters and
+  # results, 1.3-18x faster training on XLA:CPU, no forward-mode autodiff) or 'auto' (cpu_eigen
+  # when JAX runs on the CPU, xla on GPU/TPU).
+  c.conv_impl = 'auto'
 
   # Optimisation.
   c.optimizer = 'adam'  # adam, adamw, nadam, sgd (with momentum), rmsprop

@@ -69,17 +69,29 @@ def test_activation_is_selectable_by_name():
     models.create_model(c.copy_and_resolve_references(), 10).clone(activation='swish2').apply(v, x)
 
 
-def test_cpu_eigen_convolutions_are_a_drop_in_for_nn_conv():
+# VALID as the reference; SAME at 64 px with kernel 5, whose last blocks (4x4, 2x2) are smaller
+# than the kernel and take the patches-matmul path.
+@pytest.mark.parametrize('size,padding,kernel,org', [(96, 'VALID', 3, 1.0), (64, 'SAME', 5, 2.0)])
+def test_cpu_eigen_convolutions_are_a_drop_in_for_nn_conv(size, padding, kernel, org):
   c = optimal.get_config()
-  c.first_layer_filters, c.image_size, c.conv_impl = 8, 96, 'cpu_eigen'
+  c.first_layer_filters, c.image_size, c.conv_impl = 4 if org > 1 else 8, size, 'cpu_eigen'
+  c.padding, c.kernel_size, c.filter_org = padding, kernel, org
   fast = models.create_model(c, 10)
   plain = fast.clone(conv_impl='xla')
-  v = models.init_variables(plain, 96, jax.random.PRNGKey(0))
-  v_fast = models.init_variables(fast, 96, jax.random.PRNGKey(0))
+  v = models.init_variables(plain, size, jax.random.PRNGKey(0))
+  v_fast = models.init_variables(fast, size, jax.random.PRNGKey(0))
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_fast)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 96, 96, 3))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, 3))
   np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-4, atol=1e-4)
   loss = lambda m: lambda p: m.apply({**v, 'params': p}, x).sum()
   g_fast, g_plain = jax.grad(loss(fast))(v['params']), jax.grad(loss(plain))(v['params'])
   for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_auto_conv_impl_is_the_fast_cpu_layers_on_cpu_and_xla_elsewhere(monkeypatch):
+  assert default.get_config().conv_impl == 'auto'
+  assert models.create_model(optimal.get_config(), 10).conv_impl == 'cpu_eigen'  # tests run on CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert models.resolve_conv_impl('auto') == 'xla'
+  assert models.resolve_conv_impl('cpu_eigen') == 'cpu_eigen'
