@@ -198,8 +198,8 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
         'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8,
                                       encoding=tfds.features.Encoding.BYTES),
         'label': tfds.features.ClassLabel(names=self._class_names),
-        'index': np.int64,  # position in discover()'s file list: TFDS reorders examples
-    }))
+        'index': np.int64,  # position in discover()'s file list: load_dataset sorts by it
+    }), disable_shuffling=True)  # a shuffle on write that load_dataset would undo
 
   def _log_download_bytes(self):
     pass  # TFDS's "Downloading and preparing dataset Unknown size ...": load_dataset says it

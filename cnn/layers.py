@@ -18,8 +18,6 @@ forward pass (27 values per patch) runs as one patches matmul instead, and its f
 gradient a quarter of the batch at a time. A kernel larger than its input (the last blocks of a
 SAME model at 64 px) sends every pass to the patches matmul: both XLA and Eigen are 50-100x
 slower there.
-
-`max_pool_2x2`: the model's 2x2 max pool with a one-pass gradient.
 """
 
 import functools
@@ -194,38 +192,3 @@ class Conv(nn.Module):
       y = y + bias
     return y
 
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2/stride-2 max pool that drops an odd last row/column, as `models.max_pool_2x2`.
-
-  Its gradient takes one pass: each window's incoming gradient goes to the entries equal to
-  the window's maximum. Autodiff of reshape+max takes several passes and buffers of the input's
-  size (compare, count, divide, select) to split it among tied maxima instead. After a ReLU,
-  ties are windows of zeros, whose ReLU gradient is zero, so the two give the same gradients.
-  """
-  return _max_pool(x)
-
-
-def _max_pool(x):
-  b, h, w, c = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def _max_pool_fwd(x):
-  y = _max_pool(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(res, g):
-  x, y = res
-  b, h, w, c = x.shape
-  h2, w2 = h // 2 * 2, w // 2 * 2
-  win = x[:, :h2, :w2, :].reshape(b, h // 2, 2, w // 2, 2, c)
-  dx = jnp.where(win == y[:, :, None, :, None, :], g[:, :, None, :, None, :], 0)
-  dx = dx.astype(x.dtype).reshape(b, h2, w2, c)
-  return (jnp.pad(dx, ((0, 0), (0, h - h2), (0, w - w2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

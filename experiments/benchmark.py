@@ -334,18 +334,23 @@ def fullres_folder(src: str, dst: str) -> str:
   return str(root)
 
 
-def ours_pipeline(data_dir: str, size: int, batch_size: int, cache_dir: str) -> dict:
-  """load_dataset cold (decode + cache) and warm, then epochs of batches placed on the devices."""
+def ours_pipeline(data_dir: str, size: int, batch_size: int, cache_dir: str,
+                  repeats: int = 3) -> dict:
+  """load_dataset cold (decode + cache, median of `repeats` fresh caches) and warm, then
+  epochs of batches placed on the devices."""
   import jax  # pylint: disable=g-import-not-at-top
   from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
   from cnn import train  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   config = _ours_config(size, batch_size)
-  config.data_dir, config.cache_dir = data_dir, cache_dir
-  t = time.perf_counter()
-  data = input_pipeline.load_dataset(config)
-  cold = time.perf_counter() - t
+  config.data_dir, colds = data_dir, []
+  for i in range(repeats):
+    config.cache_dir = os.path.join(cache_dir, str(i))
+    t = time.perf_counter()
+    data = input_pipeline.load_dataset(config)
+    colds.append(time.perf_counter() - t)
+  cold = statistics.median(colds)
   t = time.perf_counter()
   data = input_pipeline.load_dataset(config)
   warm = time.perf_counter() - t
@@ -363,19 +368,20 @@ def ours_pipeline(data_dir: str, size: int, batch_size: int, cache_dir: str) -> 
 
 
 def keras_pipeline(data_dir: str, size: int, batch_size: int) -> dict:
-  """The reference loader: image_dataset_from_directory, decoding every file every epoch."""
+  """The reference loader, decoding every file every epoch: the median of epochs 2-4."""
   _quiet_tf()
   import keras  # pylint: disable=g-import-not-at-top
   ds = keras.utils.image_dataset_from_directory(
       os.path.join(data_dir, 'train'), image_size=(size, size), batch_size=batch_size,
       verbose=False, follow_links=True)
   per_epoch = []
-  for _ in range(2):
+  for _ in range(4):
     n, t = 0, time.perf_counter()
     for x, _ in ds:
       n += int(x.shape[0])
     per_epoch.append(n / (time.perf_counter() - t))
-  return {'images': n, 'images_per_s': per_epoch[-1], 'first_epoch_images_per_s': per_epoch[0]}
+  return {'images': n, 'images_per_s': statistics.median(per_epoch[1:]),
+          'first_epoch_images_per_s': per_epoch[0]}
 
 
 def ours_e2e(data_dir: str, size: int, batch_size: int, epochs: int, workdir: str,

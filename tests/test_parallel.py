@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cnn import checkpoints
 from cnn import train
@@ -35,7 +36,9 @@ def _train_on(devices, config, workdir):
   return checkpoints.restore_best(str(workdir))[0]
 
 
-def test_two_devices_match_one(tiny_config, tmp_path):
+@pytest.mark.parametrize('conv_impl', ['xla', 'cpu_eigen'])
+def test_two_devices_match_one(tiny_config, tmp_path, conv_impl):
+  tiny_config.conv_impl = conv_impl
   tiny_config.batch_norm = True  # batch statistics must be over the global batch
   tiny_config.data_aug = True
   tiny_config.dropout = 0.2
