@@ -1,6 +1,6 @@
 r"""Train-step, compile, input-pipeline and end-to-end timings: ours vs Keras 3/TF vs PyTorch.
 
-  python -m experiments.benchmark                       # everything, about 12 min on 2 cores
+  python -m experiments.benchmark                       # everything, about 10 min on 2 cores
   python -m experiments.benchmark --parts=train_step --sizes=128 --out=/tmp/b.json
   python -m experiments.benchmark --parts=train_step --malloc=system,hugepages,tcmalloc
 
