@@ -325,8 +325,8 @@ def _call_and_send(fn, args, conn) -> None:
 def fullres_folder(src: str, dst: str) -> str:
   """An image folder whose train/ is `src`/train/ and whose val/ holds one image a class."""
   root = pathlib.Path(dst)
+  (root / 'train').mkdir(parents=True)
   for cls in sorted(p for p in (pathlib.Path(src) / 'train').iterdir() if p.is_dir()):
-    (root / 'train').mkdir(parents=True, exist_ok=True)
     (root / 'train' / cls.name).symlink_to(cls.resolve(), target_is_directory=True)
     first = sorted(p for p in cls.iterdir() if p.is_file())[0]
     (root / 'val' / cls.name).mkdir(parents=True)
