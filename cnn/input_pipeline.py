@@ -11,11 +11,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import os
 import pathlib
-import re
 import shutil
 import sys
 import time
@@ -24,6 +22,8 @@ from typing import Iterator
 from absl import logging
 
 import numpy as np
+from PIL import Image
+from PIL import UnidentifiedImageError
 
 # TensorFlow's C++ INFO/WARNING logs (buffer sizes, ...) are not for our users. Its CUDA probe
 # lines at import come before its logger starts and cannot be silenced.
@@ -31,15 +31,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds
 
-# TensorFlow only decodes images here: keep it off the accelerators JAX uses.
+# TensorFlow only reads and writes the cache here: keep it off the accelerators JAX uses.
 tf.config.set_visible_devices([], 'GPU')
 # Its bars for an internal shuffle and write are noise; load_dataset says what it does.
 tfds.disable_progress_bar()
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
-# Formats tf.io.decode_image reads, told apart by content so a wrong or missing suffix is harmless.
+# Formats read_image reads, told apart by content so a wrong or missing suffix is harmless.
 _MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM')
-_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$')
 SPLITS = ('train', 'val')
 
 
@@ -132,45 +131,30 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
-@tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
-def _decode_resize(path: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
-  """A JPEG/PNG/GIF/BMP file -> (S, S, 3) uint8, bilinear with antialiasing.
-
-  One graph per image: eager ops would cost more than decoding a small JPEG, and the graph
-  runs without the GIL, so threads decode in parallel.
-  """
-  data = tf.io.read_file(path)
-
-  def jpeg():
-    # Decoding at 1/2, 1/4 or 1/8 scale in the DCT is several times faster for large photos;
-    # take the smallest scale that still has image_size pixels on the short side.
-    short = tf.reduce_min(tf.io.extract_jpeg_shape(data)[:2])
-    scale = tf.add_n([tf.cast(short // r >= image_size, tf.int32) for r in (2, 4, 8)])
-    return tf.switch_case(scale, [functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r)
-                                  for r in (1, 2, 4, 8)])
-
-  def other():
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
-
-  img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-  img = tf.image.resize(img, tf.stack([image_size, image_size]), antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-
-
 def read_image(path: str, image_size: int) -> np.ndarray:
-  """One file -> (S, S, 3) uint8; ImageReadError says which file and why."""
+  """One file -> (S, S, 3) uint8, antialiased bilinear; ImageReadError says which file and why.
+
+  A JPEG whose short side keeps image_size pixels at 1/2, 1/4 or 1/8 scale is decoded at that
+  scale in the DCT (PIL's draft mode). Entropy decoding still dominates, and PIL does it 1.2x
+  faster than TensorFlow's decoder (measured: full-size photos, 4 threads on 2 cores, 433 vs
+  373 images/s); it releases the GIL, so threads decode in parallel.
+  """
   try:
-    return _decode_resize(tf.constant(str(path)), tf.constant(image_size, tf.int32)).numpy()
-  except (tf.errors.OpError, ValueError) as e:
-    raise ImageReadError(f'{path}: not a readable image ({_reason(e)})') from None
+    with Image.open(path) as im:
+      im.draft('RGB', (image_size, image_size))
+      rgb = im.convert('RGB')  # grey, palette, CMYK, alpha: all to RGB; reads the pixels
+      return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR,
+                                   reducing_gap=None))
+  except Exception as e:  # pylint: disable=broad-except
+    # Mostly OSError, but malformed files can raise struct.error, EOFError, IndexError, ...
+    raise ImageReadError(f'{path}: not a readable image ({_reason(path, e)})') from None
 
 
-def _reason(error: Exception) -> str:
-  """The decoder's own words from a TF error, without the graph's node and traceback lines."""
-  lines = [line for line in getattr(error, 'message', str(error)).splitlines()
-           if line.strip() and not line.startswith((' ', '\t', 'Graph execution error',
-                                                     'Detected at node'))]
-  return _TF_NOISE.sub('', lines[-1]) if lines else type(error).__name__
+def _reason(path: str, error: Exception) -> str:
+  if isinstance(error, UnidentifiedImageError):  # its message repeats the path
+    empty = os.path.getsize(path) == 0
+    return 'the file is empty' if empty else 'not a JPEG, PNG, GIF, BMP or WebP image'
+  return str(error) or type(error).__name__
 
 
 def _fingerprint(splits: dict[str, FileList], class_names: list[str]) -> str:
@@ -185,11 +169,13 @@ def _fingerprint(splits: dict[str, FileList], class_names: list[str]) -> str:
 class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
   """Decoded, resized uint8 images of one image folder at one size, as a TFDS dataset."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  # 2.0.0: decoded by PIL (1.0.0 caches hold TensorFlow's decoding, which differs by ~0.3 levels).
+  VERSION = tfds.core.Version('2.0.0')
 
   def __init__(self, *, splits: dict[str, FileList], class_names: list[str], image_size: int,
                name: str, **kwargs):
     self._splits, self._class_names, self._image_size = splits, class_names, image_size
+    self.decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (images, indices) a build made
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
   def _info(self):
@@ -219,11 +205,18 @@ class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
       except ImageReadError:
         return i, None  # load_dataset names it, on this run and on every run using the cache
 
+    kept, images = [], np.empty((len(files.paths), self._image_size, self._image_size, 3),
+                                np.uint8)
     # Two per core: while one thread reads a file or converts a result, the other decodes.
     with concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
       for i, img in pool.map(decode, range(len(files.paths))):
         if img is not None:
+          kept.append(i)
+          images[i] = img
           yield i, {'image': img, 'label': files.labels[i], 'index': i}
+    # load_dataset takes these instead of reading back the files just written (~15% of a build).
+    self.decoded[split] = (images if len(kept) == len(images) else images[kept],
+                           np.array(kept, np.int64))
 
 
 def _cache_root(cache_dir: str) -> pathlib.Path:
@@ -277,8 +270,9 @@ def load_dataset(config) -> Dataset:
     fcntl.flock(lock, fcntl.LOCK_UN)
 
   with _quiet_tfds():
-    train_all, train_idx = _load_split(builder, 'train')
-    test_images, test_idx = _load_split(builder, 'val')
+    load = lambda split: builder.decoded.get(split) or _load_split(builder, split)
+    train_all, train_idx = load('train')
+    test_images, test_idx = load('val')
   train_files, test_files = splits['train'], splits['val']
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})

@@ -14,7 +14,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/stride-2 max pool that drops an odd last row/column, like Keras' MaxPool2D('valid').
 
   Written as reshape + max because XLA:CPU's select-and-scatter (the gradient of
-  `nn.max_pool`) is several times slower; the forward result is identical.
+  `nn.max_pool`) is several times slower; the forward result is identical. The CPU path
+  (conv_impl 'cpu_eigen') uses `layers.max_pool_2x2`, which has `nn.max_pool`'s gradient too.
   """
   b, h, w, c = x.shape
   x = x[:, : h // 2 * 2, : w // 2 * 2, :]
@@ -44,14 +45,26 @@ class CNN(nn.Module):
   dropout: float = 0.0
   activation: str = 'relu'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'  # 'xla': nn.Conv; 'cpu_eigen': cnn/layers.py (same params and results)
+  # 'xla': nn.Conv; 'cpu_eigen': cnn/layers.py's convolutions, pool and fused batch norm ->
+  # ReLU -> pool block (same variables and results).
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     act = activations.get_activation(self.activation)
     x = x.astype(self.dtype)  # (B, H, W, 3) in [0, 1]
-    conv = layers.Conv if self.conv_impl == 'cpu_eigen' else nn.Conv
+    fast = self.conv_impl == 'cpu_eigen'
+    conv = layers.Conv if fast else nn.Conv
+    pool = layers.max_pool_2x2 if fast else max_pool_2x2
+    # The fused block never holds the full-size activation, so it is off when that is asked for.
+    fused = (fast and train and self.batch_norm and self.activation == 'relu'
+             and not self.is_mutable_collection('intermediates'))
     for i, f in enumerate(self.filters):
+      if fused:
+        y, conv_bias = layers.Conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
+                                   dtype=self.dtype, defer_bias=True, name=f'conv{i + 1}')(x)
+        x = layers.BatchNormReluPool(momentum=0.99, epsilon=1e-3, name=f'bn{i + 1}')(y, conv_bias)
+        continue
       x = conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
                dtype=self.dtype, name=f'conv{i + 1}')(x)
       if self.batch_norm:
@@ -59,7 +72,7 @@ class CNN(nn.Module):
                          dtype=self.dtype, name=f'bn{i + 1}')(x)
       x = act(x)
       self.sow('intermediates', f'conv{i + 1}_act', x)
-      x = max_pool_2x2(x)
+      x = pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense')(x)
     if self.batch_norm:

@@ -29,9 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_norm = False  # batch norm after every conv and the dense layer
   c.dropout = 0.0  # dropout after the dense layer only, as in the reference
   c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
-  # Convolution kernels: 'xla' (nn.Conv), 'cpu_eigen' (cnn/layers.py: same parameters and
-  # results, 1.3-18x faster training on XLA:CPU, no forward-mode autodiff) or 'auto' (cpu_eigen
-  # when JAX runs on the CPU, xla on GPU/TPU).
+  # Layer kernels: 'xla' (nn.Conv, nn.BatchNorm), 'cpu_eigen' (cnn/layers.py: same parameters
+  # and results, 1.3-18x faster training on XLA:CPU, no forward-mode autodiff) or 'auto'
+  # (cpu_eigen when JAX runs on the CPU, xla on GPU/TPU).
   c.conv_impl = 'auto'
 
   # Optimisation.

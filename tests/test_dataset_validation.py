@@ -168,8 +168,8 @@ def test_corrupt_images_are_skipped_named_and_listed_in_the_summary(config, data
   assert summary['num_test_images'] == 6
   for path in unreadable:  # one warning per file, naming it
     assert sum(path in line for line in out.err.splitlines()) == 1, out.err
-  assert 'Invalid JPEG data' in out.err and 'Unknown image file format' in out.err
-  assert 'Input is empty' in out.err
+  assert 'truncated' in out.err.lower() and 'not a JPEG, PNG, GIF, BMP or WebP image' in out.err
+  assert 'the file is empty' in out.err
 
   # A later run loads the cache and still names them, once each.
   ds = input_pipeline.load_dataset(config)
@@ -187,8 +187,7 @@ def test_read_image_names_the_file_and_the_reason(tmp_path):
     input_pipeline.read_image(str(path), 16)
   message = str(e.value)
   assert message.startswith(f'{path}: not a readable image (') and message.endswith(')')
-  assert 'Invalid JPEG data' in message
-  assert '{{function_node' not in message and '[Op:' not in message  # TensorFlow's internals
+  assert 'truncated' in message.lower()  # the decoder's own words
 
 
 # ---------------------------------------------------------------------------- the real photos
