@@ -88,10 +88,7 @@ def _filter_grad_eigen(x: jax.Array, g: jax.Array, pads: Pads) -> jax.Array:
   kernel, widened past x with zero columns (and x padded to match) so that YNNPACK declines it.
   x is padded beforehand: Eigen runs this large-kernel convolution 20x slower when it pads.
   """
-  # x is in memory already (the forward convolution read it); without the barrier XLA fuses
-  # whatever made x (the previous block's pooling) into the transpose below and recomputes it
-  # in transposed order: 5x slower for the second layer at 128 px.
-  x = jnp.pad(lax.optimization_barrier(x), ((0, 0), *pads, (0, 0)))
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   extra = max(0, x.shape[2] - g.shape[2] + 1)
   if g.shape[1] > x.shape[1]:
     extra = 0
