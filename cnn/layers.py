@@ -22,7 +22,7 @@ slower there.
 `BatchNormReluPool`: a training-mode block of `nn.BatchNorm` -> ReLU -> 2x2 max pool in one
 `jax.custom_vjp` with the variables of `nn.BatchNorm`, which absorbs the conv bias. Autodiff of
 the three ops reads and writes the full-size activation about ten times, and they were 20-30%
-of the step; this block makes four passes. `max_pool_2x2` is the pool alone, for models without
+of the step; this block reads it four times and writes it once (dx). `max_pool_2x2` is the pool alone, for models without
 batch norm. Both give the window's first maximum its whole gradient, as `nn.max_pool` does.
 With the block, the optimal model's train step went from 46-50 to 62-70 images/s at 128 px and
 from 11.3 to 16.5 at 256 px (same machine, side by side).
@@ -281,6 +281,8 @@ def _bn_relu_pool_fwd(x, scale, bias, epsilon):
   a = scale * rstd
   b = bias - mean * a
   wins = _windows(x)
+  # The normalised values are computed twice, each time fused into its one read of x: here
+  # for the winners (a residual), below for the output, which must come from a reduction.
   best, which = _first_max([a * xk.astype(jnp.float32) + b for xk in wins])
   picked = _pick(wins, which)
   # -1: the ReLU was closed (jax.nn.relu's gradient at 0 is 0 too), nothing flows back.
@@ -324,12 +326,12 @@ def _scatter_windows(v: jax.Array, which: jax.Array, shape: tuple[int, ...]) -> 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def bn_relu_pool(x, scale, bias, epsilon):
-  """(max_pool_2x2(relu(batch_norm(x))), batch mean, batch variance): four passes over x.
+  """(max_pool_2x2(relu(batch_norm(x))), batch mean, batch variance): five passes over x.
 
   The training-mode block of `nn.BatchNorm` -> `jax.nn.relu` -> `models.max_pool_2x2`, with
   the gradient of `nn.max_pool` (the window's first maximum takes it all). Autodiff of those
-  three reads and writes the full-size activation about ten times; this reads x twice forward,
-  once backward, and writes dx.
+  three reads and writes the full-size activation about ten times; this reads x three times
+  forward (statistics, winners, maxima), once backward, and writes dx.
   """
   return _bn_relu_pool_fwd(x, scale, bias, epsilon)[0]
 

@@ -10,6 +10,10 @@ from cnn import activations
 from cnn import layers
 
 
+# Keras' BatchNormalization defaults, as the reference used them.
+BN_ARGS = dict(momentum=0.99, epsilon=1e-3)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/stride-2 max pool that drops an odd last row/column, like Keras' MaxPool2D('valid').
 
@@ -60,24 +64,24 @@ class CNN(nn.Module):
     fused = (fast and train and self.batch_norm and self.activation == 'relu'
              and not self.is_mutable_collection('intermediates'))
     for i, f in enumerate(self.filters):
+      conv_args = dict(features=f, kernel_size=(self.kernel_size, self.kernel_size),
+                       padding=self.padding, dtype=self.dtype, name=f'conv{i + 1}')
       if fused:
-        y, conv_bias = layers.Conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
-                                   dtype=self.dtype, defer_bias=True, name=f'conv{i + 1}')(x)
-        x = layers.BatchNormReluPool(momentum=0.99, epsilon=1e-3, name=f'bn{i + 1}')(y, conv_bias)
+        y, conv_bias = layers.Conv(defer_bias=True, **conv_args)(x)
+        x = layers.BatchNormReluPool(**BN_ARGS, name=f'bn{i + 1}')(y, conv_bias)
         continue
-      x = conv(f, (self.kernel_size, self.kernel_size), padding=self.padding,
-               dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = conv(**conv_args)(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                         dtype=self.dtype, name=f'bn{i + 1}')(x)
+        x = nn.BatchNorm(use_running_average=not train, **BN_ARGS, dtype=self.dtype,
+                         name=f'bn{i + 1}')(x)
       x = act(x)
       self.sow('intermediates', f'conv{i + 1}_act', x)
       x = pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense')(x)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                       dtype=self.dtype, name='bn_dense')(x)
+      x = nn.BatchNorm(use_running_average=not train, **BN_ARGS, dtype=self.dtype,
+                       name='bn_dense')(x)
     x = act(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
