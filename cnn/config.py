@@ -6,6 +6,7 @@ from typing import Sequence
 import ml_collections
 
 from cnn import activations
+from cnn import errors
 from cnn import models
 
 OPTIMIZERS = ('adam', 'adamw', 'nadam', 'sgd', 'rmsprop')
@@ -24,7 +25,7 @@ NON_RUN_FIELDS = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config that cannot work; the message says what to change."""
 
 
