@@ -1,27 +1,54 @@
 """On-device augmentation, as the reference's Keras ImageDataGenerator did on the host.
 
 Random horizontal flip, rotation up to +-20 degrees, shifts up to +-20% of each side, zoom in
-[0.8, 1.2] per axis and brightness in [0.8, 1.2], with 'nearest' fill at the borders. Pure:
-the same key gives the same images, so a resumed run repeats its augmentations exactly.
+[0.8, 1.2] per axis and brightness in [0.8, 1.2], with 'nearest' fill at the borders: the
+reference's transforms and ranges (`REFERENCE`). Each range is a field of the config
+(`aug_flip`, `aug_rotation`, ...) and a traced value of the train step, so runs that differ only
+in augmentation strength share one compiled step. `aug_crop_min_scale` < 1 adds a
+random-resized crop (area fraction in [min_scale, 1], aspect ratio in [3/4, 4/3]) in the same
+warp. Pure: the same key gives the same images, so a resumed run repeats its augmentations.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
 
-ROTATION_DEGREES = 20.0
-SHIFT_FRACTION = 0.2
-ZOOM_RANGE = (0.8, 1.2)
-BRIGHTNESS_RANGE = (0.8, 1.2)
+# The reference's ranges; configs/default.py's aug_* fields default to these.
+REFERENCE = {'flip': 1.0, 'rotation': 20.0, 'shift': 0.2, 'zoom': 0.2, 'brightness': 0.2,
+             'crop_min_scale': 1.0}
+_LOG_MAX_RATIO = math.log(4 / 3)
 
 
-def _sample_grid(key: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+def ranges_from_config(config) -> dict[str, float]:
+  """The aug_* fields as augment()'s `ranges` (plain floats; the train step traces them)."""
+  return {name: float(config.get(f'aug_{name}', default)) for name, default in REFERENCE.items()}
+
+
+def _crop_window(key: jax.Array, crop_min_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(size, centre offset) of a random crop as fractions of the side, each (2,) rows/cols."""
+  k_area, k_ratio, k_pos = jax.random.split(key, 3)
+  area = jax.random.uniform(k_area, (), minval=crop_min_scale, maxval=1.0)
+  on = crop_min_scale < 1.0  # no crop: the whole image, aspect ratio 1
+  log_ratio = jnp.where(on, jax.random.uniform(k_ratio, (), minval=-_LOG_MAX_RATIO,
+                                               maxval=_LOG_MAX_RATIO), 0.0)
+  ratio = jnp.exp(log_ratio)  # width / height
+  size = jnp.minimum(jnp.sqrt(area) * jnp.stack([1 / jnp.sqrt(ratio), jnp.sqrt(ratio)]), 1.0)
+  offset = jax.random.uniform(k_pos, (2,), minval=-0.5, maxval=0.5) * (1.0 - size)
+  return size, offset
+
+
+def _sample_grid(key: jax.Array, shape: tuple[int, int],
+                 ranges: dict) -> tuple[jax.Array, jax.Array]:
   """Input coordinates (rows, cols) that each output pixel reads, each (H, W)."""
-  k_flip, k_rot, k_shift, k_zoom = jax.random.split(key, 4)
-  angle = jnp.deg2rad(jax.random.uniform(k_rot, (), minval=-ROTATION_DEGREES,
-                                         maxval=ROTATION_DEGREES))
-  shift = jax.random.uniform(k_shift, (2,), minval=-SHIFT_FRACTION, maxval=SHIFT_FRACTION)
-  zoom = jax.random.uniform(k_zoom, (2,), minval=ZOOM_RANGE[0], maxval=ZOOM_RANGE[1])
-  flip = jax.random.bernoulli(k_flip)
+  height, width = shape
+  k_flip, k_rot, k_shift, k_zoom, k_crop = jax.random.split(key, 5)
+  angle = jnp.deg2rad(jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0) * ranges['rotation'])
+  shift = jax.random.uniform(k_shift, (2,), minval=-1.0, maxval=1.0) * ranges['shift']
+  zoom = 1.0 + jax.random.uniform(k_zoom, (2,), minval=-1.0, maxval=1.0) * ranges['zoom']
+  flip = jax.random.bernoulli(k_flip, 0.5 * ranges['flip'])
+  crop, crop_offset = _crop_window(k_crop, ranges['crop_min_scale'])
+  zoom, shift = zoom * crop, shift + crop_offset
 
   cy, cx = (height - 1) / 2, (width - 1) / 2
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) - cy,
@@ -33,19 +60,22 @@ def _sample_grid(key: jax.Array, height: int, width: int) -> tuple[jax.Array, ja
   return src_r, src_c
 
 
-def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
+def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
   k_geo, k_bright = jax.random.split(key)
   h, w, _ = image.shape
-  src_r, src_c = _sample_grid(k_geo, h, w)
+  src_r, src_c = _sample_grid(k_geo, (h, w), ranges)
   warp = lambda channel: jax.scipy.ndimage.map_coordinates(
       channel, [src_r, src_c], order=1, mode='nearest')
   out = jax.vmap(warp, in_axes=2, out_axes=2)(image)
-  brightness = jax.random.uniform(k_bright, (), minval=BRIGHTNESS_RANGE[0],
-                                  maxval=BRIGHTNESS_RANGE[1])
+  brightness = 1.0 + jax.random.uniform(k_bright, (), minval=-1.0, maxval=1.0) * ranges['brightness']
   return jnp.clip(out * brightness, 0.0, 1.0)
 
 
-def augment(key: jax.Array, images: jax.Array) -> jax.Array:
-  """(B, H, W, C) float in [0, 1] -> same shape, each image with its own random transform."""
+def augment(key: jax.Array, images: jax.Array, ranges: dict | None = None) -> jax.Array:
+  """(B, H, W, C) float in [0, 1] -> same shape, each image with its own random transform.
+
+  `ranges` maps REFERENCE's names to (traced) scalars; None means the reference's.
+  """
+  ranges = REFERENCE if ranges is None else ranges
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(_augment_one)(keys, images)
+  return jax.vmap(_augment_one, in_axes=(0, 0, None))(keys, images, ranges)

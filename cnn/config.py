@@ -14,6 +14,8 @@ PADDINGS = ('VALID', 'SAME')
 WANDB_MODES = ('', 'online', 'offline', 'disabled')
 DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('auto', 'xla', 'cpu_eigen')
+LR_SCHEDULES = ('constant', 'cosine')
+BN_STATS = ('precise', 'running')
 
 # Fields that do not change what a run computes: a workdir may be resumed with other values.
 NON_RUN_FIELDS = frozenset({
@@ -21,7 +23,8 @@ NON_RUN_FIELDS = frozenset({
     'wandb_entity', 'run_name', 'checkpoint_every_steps', 'new_run', 'num_epochs',
     'early_stopping_patience', 'eval_batch_size', 'eval_image_seed', 'conv_impl',
     'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
-    'guided_bp_method',
+    'guided_bp_method', 'early_stopping_min_epochs', 'early_stopping_smoothing', 'bn_gap_images',
+    'compilation_cache_dir',
 })
 
 
@@ -81,6 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'filters per block {filters}: int({c.first_layer_filters} * {c.filter_org}**i) rounds '
          f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or filter_org '
          f'or lower conv_layers')
+  _validate_recipe(c)
   last = spatial_sizes(c.image_size, c.kernel_size, c.padding, c.conv_layers)[-1]
   smallest = min_image_size(c.kernel_size, c.padding, c.conv_layers)
   _check(last >= 1,
@@ -88,6 +92,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. Use '
          f'--config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
          f'or --config.padding=SAME')
+
+
+def _validate_recipe(c: ml_collections.ConfigDict) -> None:
+  """The schedule, regularisation, augmentation and validation fields."""
+  _check(c.lr_schedule in LR_SCHEDULES,
+         f'lr_schedule={c.lr_schedule!r} is not one of {LR_SCHEDULES}')
+  _check(0 <= c.warmup_epochs <= c.num_epochs,
+         f'warmup_epochs={c.warmup_epochs} must be in [0, num_epochs={c.num_epochs}]')
+  _check(0 <= c.label_smoothing < 1, f'label_smoothing={c.label_smoothing} must be in [0, 1)')
+  _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
+  _check(0 <= c.bn_momentum < 1, f'bn_momentum={c.bn_momentum} must be in [0, 1), e.g. 0.99')
+  _check(c.bn_stats in BN_STATS, f'bn_stats={c.bn_stats!r} is not one of {BN_STATS}')
+  for name in ('precise_bn_images', 'bn_gap_images', 'early_stopping_min_epochs'):
+    _check(isinstance(c[name], int) and c[name] >= 0, f'{name}={c[name]!r} must be an integer >= 0')
+  _check(0 <= c.early_stopping_smoothing < 1,
+         f'early_stopping_smoothing={c.early_stopping_smoothing} must be in [0, 1) (0 = off)')
+  for name in ('aug_rotation', 'aug_shift', 'aug_zoom', 'aug_brightness'):
+    _check(c[name] >= 0, f'{name}={c[name]} must be >= 0 (0 turns that transform off)')
+  _check(c.aug_zoom < 1 and c.aug_brightness < 1,
+         f'aug_zoom={c.aug_zoom} and aug_brightness={c.aug_brightness} must be below 1')
+  _check(0 < c.aug_crop_min_scale <= 1,
+         f'aug_crop_min_scale={c.aug_crop_min_scale} must be in (0, 1]; 1 means no crop')
 
 
 # The fields of the reference's run names, in its order.

@@ -89,7 +89,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'in {workdir} was trained on {class_names}; point --config.data_dir at its data')
   test_dir = pathlib.Path(config.data_dir) / 'val'
   log_probs = predict.class_log_probabilities(model, variables, data.test_images,
-                                              config.eval_batch_size)
+                                              config.eval_batch_size, config.tta_flip)
   probs = np.exp(log_probs)
   metrics = compute_metrics(data.test_labels, log_probs, class_names)
   metrics.update(best_epoch=meta.get('epoch'), best_val_accuracy=meta.get('val_acc'),

@@ -1,5 +1,6 @@
 """The reference's CNN in Flax Linen: conv blocks, one hidden dense layer, class logits."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -10,8 +11,8 @@ from cnn import activations
 from cnn import layers
 
 
-# Keras' BatchNormalization defaults, as the reference used them.
-BN_ARGS = dict(momentum=0.99, epsilon=1e-3)
+# Keras' BatchNormalization epsilon, as the reference used it (its momentum is CNN.bn_momentum).
+BN_EPSILON = 1e-3
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -52,12 +53,16 @@ class CNN(nn.Module):
   # 'xla': nn.Conv; 'cpu_eigen': cnn/layers.py's convolutions, pool and fused batch norm ->
   # ReLU -> pool block (same variables and results).
   conv_impl: str = 'xla'
+  # Running-average momentum of every batch norm (Keras' 0.99). Precise BN (cnn/train.py) runs
+  # a clone with momentum 0, whose updated 'batch_stats' are then one batch's own statistics.
+  bn_momentum: float = 0.99
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     act = activations.get_activation(self.activation)
     x = x.astype(self.dtype)  # (B, H, W, 3) in [0, 1]
     fast = self.conv_impl == 'cpu_eigen'
+    bn_args = dict(momentum=self.bn_momentum, epsilon=BN_EPSILON)
     conv = layers.Conv if fast else nn.Conv
     pool = layers.max_pool_2x2 if fast else max_pool_2x2
     # The fused block never holds the full-size activation, so it is off when that is asked for.
@@ -68,11 +73,11 @@ class CNN(nn.Module):
                        padding=self.padding, dtype=self.dtype, name=f'conv{i + 1}')
       if fused:
         y, conv_bias = layers.Conv(defer_bias=True, **conv_args)(x)
-        x = layers.BatchNormReluPool(**BN_ARGS, name=f'bn{i + 1}')(y, conv_bias)
+        x = layers.BatchNormReluPool(**bn_args, name=f'bn{i + 1}')(y, conv_bias)
         continue
       x = conv(**conv_args)(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, **BN_ARGS, dtype=self.dtype,
+        x = nn.BatchNorm(use_running_average=not train, **bn_args, dtype=self.dtype,
                          name=f'bn{i + 1}')(x)
       x = act(x)
       self.sow('intermediates', f'conv{i + 1}_act', x)
@@ -80,7 +85,7 @@ class CNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense')(x)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, **BN_ARGS, dtype=self.dtype,
+      x = nn.BatchNorm(use_running_average=not train, **bn_args, dtype=self.dtype,
                        name='bn_dense')(x)
     x = act(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -102,6 +107,7 @@ def create_model(config, num_classes: int) -> CNN:
       activation=config.activation,
       dtype=jnp.dtype(config.dtype),
       conv_impl=resolve_conv_impl(config.get('conv_impl', 'auto')),
+      bn_momentum=config.get('bn_momentum', 0.99),
   )
 
 
@@ -112,10 +118,16 @@ def resolve_conv_impl(conv_impl: str) -> str:
   return 'cpu_eigen' if jax.default_backend() == 'cpu' else 'xla'
 
 
+@functools.cache
+def _jitted_init(model: CNN):
+  """One jitted init per model in a process: every run of an architecture compiles it once."""
+  return jax.jit(model.init, static_argnames='train')
+
+
 def init_variables(model: CNN, image_size: int, rng: jax.Array) -> dict:
   """Parameters (and batch statistics when the model has batch norm) for square RGB input."""
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(model.init, static_argnames='train')(rng, dummy, train=False)
+  variables = _jitted_init(model)(rng, dummy, train=False)
   return {k: v for k, v in variables.items() if k != 'intermediates'}
 
 
@@ -129,6 +141,20 @@ def block_output(model: CNN, variables: dict, images: jax.Array, layer: str) -> 
     return state['intermediates'][f'{layer}_act'][0]
   except KeyError:
     raise ValueError(f'no conv block {layer!r}; the model has conv1..conv{len(model.filters)}') from None
+
+
+def log_probabilities(model: CNN, variables: dict, images: jax.Array,
+                      tta_flip: bool = False) -> jax.Array:
+  """Inference-mode class log-probabilities of float images in [0, 1], (B, num_classes).
+
+  With `tta_flip` the class probabilities of each image and its mirror image are averaged:
+  validation, evaluate and predict all score through here, so they agree on what is reported.
+  """
+  log_p = jax.nn.log_softmax(model.apply(variables, images, train=False))
+  if not tta_flip:
+    return log_p
+  mirrored = jax.nn.log_softmax(model.apply(variables, images[:, :, ::-1], train=False))
+  return jnp.logaddexp(log_p, mirrored) - jnp.log(2.0)
 
 
 def count_parameters(tree) -> int:

@@ -20,21 +20,24 @@ from cnn import input_pipeline
 from cnn import models
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _log_probs(model: models.CNN, variables: dict, images: jax.Array) -> jax.Array:
-  logits = model.apply(variables, images.astype(np.float32) / 255.0, train=False)
-  return jax.nn.log_softmax(logits)  # float32: the model returns float32 logits
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _log_probs(model: models.CNN, variables: dict, images: jax.Array,
+               tta_flip: bool) -> jax.Array:
+  return models.log_probabilities(model, variables, images.astype(np.float32) / 255.0, tta_flip)
 
 
 def class_log_probabilities(model: models.CNN, variables: dict, images: np.ndarray,
-                            batch_size: int) -> np.ndarray:
-  """(N, C) log-probabilities of uint8 images (N, S, S, 3), in batches of one compiled shape."""
+                            batch_size: int, tta_flip: bool = False) -> np.ndarray:
+  """(N, C) log-probabilities of uint8 images (N, S, S, 3), in batches of one compiled shape.
+
+  `tta_flip` (config.tta_flip) averages each image with its mirror image, as validation did.
+  """
   out = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
     pad = batch_size - len(batch)
     padded = np.pad(batch, ((0, pad), (0, 0), (0, 0), (0, 0)))
-    out.append(np.asarray(_log_probs(model, variables, padded))[:len(batch)])
+    out.append(np.asarray(_log_probs(model, variables, padded, tta_flip))[:len(batch)])
   if not out:
     return np.zeros((0, model.num_classes), np.float32)
   return np.concatenate(out)
@@ -85,7 +88,7 @@ def _readable(message: str) -> str:
 
 def predict_files(model: models.CNN, variables: dict, class_names: list[str],
                   paths: Sequence[str], image_size: int, batch_size: int = 64,
-                  top_k: int = 3) -> list[Prediction]:
+                  top_k: int = 3, tta_flip: bool = False) -> list[Prediction]:
   """Top-k classes of each file, in order; an unreadable file gets its error, not an exception."""
   results = [Prediction(p) for p in paths]
   images, ok = [], []
@@ -96,7 +99,8 @@ def predict_files(model: models.CNN, variables: dict, class_names: list[str],
     except input_pipeline.ImageReadError as e:
       results[i].error = _readable(str(e).removeprefix(f'{p}: '))
   if ok:
-    probs = np.exp(class_log_probabilities(model, variables, np.stack(images), batch_size))
+    probs = np.exp(class_log_probabilities(model, variables, np.stack(images), batch_size,
+                                           tta_flip))
     for i, pr in zip(ok, probs):
       best = np.argsort(-pr, kind='stable')[:top_k]
       results[i].top = [(class_names[k], float(pr[k])) for k in best]
@@ -115,7 +119,7 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, argv_rest: Sequ
   model, variables, class_names, _ = checkpoints.load_best_model(config, workdir)
   files, errors = image_files(argv_rest)
   results = predict_files(model, variables, class_names, files, config.image_size,
-                          config.eval_batch_size)
+                          config.eval_batch_size, tta_flip=config.tta_flip)
   results = [Prediction(p, error=e) for p, e in errors.items()] + results
   if json_output:
     print(json.dumps([r.to_json() for r in results], indent=2))

@@ -17,6 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.holdout_fraction = 0.1  # class-balanced share of train/ held out for validation
   c.image_size = 256  # images are resized to image_size x image_size
   c.data_aug = False  # flips, rotation, shift, zoom, brightness inside the jitted train step
+  # Augmentation strength (with data_aug); the defaults are the reference's ranges.
+  c.aug_flip = True  # random horizontal flips
+  c.aug_rotation = 20.0  # degrees: uniform in +-aug_rotation
+  c.aug_shift = 0.2  # fraction of each side: uniform in +-aug_shift
+  c.aug_zoom = 0.2  # per-axis zoom factor uniform in [1 - aug_zoom, 1 + aug_zoom]
+  c.aug_brightness = 0.2  # brightness factor uniform in [1 - aug_brightness, 1 + aug_brightness]
+  c.aug_crop_min_scale = 1.0  # random-resized crop of area fraction [this, 1]; 1.0 = no crop
 
   # Model (names as in the reference's sweep).
   c.conv_layers = 5  # conv -> [BN] -> activation -> 2x2 max-pool blocks
@@ -27,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.activation = 'relu'  # relu, gelu, silu, elu, leaky_relu, mish, tanh
   c.dense_size = 64  # neurons of the hidden dense layer
   c.batch_norm = False  # batch norm after every conv and the dense layer
+  c.bn_momentum = 0.99  # batch norm's running-average momentum (Keras' default, the reference's)
   c.dropout = 0.0  # dropout after the dense layer only, as in the reference
   c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
   # Layer kernels: 'xla' (nn.Conv, nn.BatchNorm), 'cpu_eigen' (cnn/layers.py: same parameters
@@ -38,12 +46,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer = 'adam'  # adam, adamw, nadam, sgd (with momentum), rmsprop
   c.learning_rate = 1e-3
   c.momentum = 0.9  # sgd and rmsprop only
-  c.weight_decay = 1e-4  # adamw only
+  c.weight_decay = 1e-4  # adamw only (decoupled, scaled by the learning rate as in optax)
+  c.lr_schedule = 'constant'  # constant, or cosine: decays to 0 at the end of num_epochs
+  c.warmup_epochs = 0.0  # linear learning-rate warm-up from 0, in epochs (fractions allowed)
+  c.label_smoothing = 0.0  # share of each target spread evenly over all classes
   c.batch_size = 32  # global batch, split over all local devices
   c.eval_batch_size = 128
   c.num_epochs = 50
   c.early_stopping_patience = 5  # epochs without a better val accuracy before stopping; 0 = off
+  c.early_stopping_min_epochs = 0  # never stop for patience before this many epochs
+  c.early_stopping_smoothing = 0.0  # choose and stop on an EMA of val accuracy (this factor); 0 = raw
   c.seed = 0  # one seed drives init, hold-out split, shuffling, dropout and augmentation
+
+  # Validation: what the eval-mode (running-statistics) model is scored with.
+  # 'precise': before each validation, batch norm's statistics are recomputed as the average over
+  # precise_bn_images un-augmented training images ("precise BN"), so eval mode tracks what the
+  # model has learned from epoch 1 on; 'running': the running averages alone (the old evaluation,
+  # which lags by ~1/(1 - bn_momentum) steps).
+  c.bn_stats = 'precise'
+  c.precise_bn_images = 256  # a fixed, seeded set of training images (whole batches of batch_size)
+  c.tta_flip = False  # average each image's prediction with its mirror's: validation, evaluate, predict
+  c.bn_gap_images = 0  # diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images
 
   # Logging and checkpoints.
   c.wandb_mode = ''  # online, offline or disabled; '' = online if W&B credentials exist, else offline
@@ -52,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.run_name = ''  # '' = named after the hyperparameters, as the reference did
   c.checkpoint_every_steps = 0  # extra mid-epoch checkpoints; 0 = only at the end of each epoch
   c.new_run = False  # allow a workdir that holds a run with another config (old run is kept)
+  c.compilation_cache_dir = ''  # XLA's persistent cache; '' = ~/.cache/inat_cnn/jax, 'off' = none
 
   # Evaluation and guided backprop (--mode=evaluate / guided_bp).
   c.eval_image_seed = 0  # picks the test image shown in first-layer activations

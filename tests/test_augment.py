@@ -19,13 +19,10 @@ def test_same_key_same_images_and_keys_differ():
   assert a.shape == x.shape and float(a.min()) >= 0 and float(a.max()) <= 1
 
 
-def test_identity_transform_returns_the_image(monkeypatch):
-  monkeypatch.setattr(augment, 'ROTATION_DEGREES', 0.0)
-  monkeypatch.setattr(augment, 'SHIFT_FRACTION', 0.0)
-  monkeypatch.setattr(augment, 'ZOOM_RANGE', (1.0, 1.0))
-  monkeypatch.setattr(augment, 'BRIGHTNESS_RANGE', (1.0, 1.0))
+def test_identity_transform_returns_the_image():
+  ranges = dict(augment.REFERENCE, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
   x = _images()
-  out = np.asarray(augment.augment(jax.random.PRNGKey(3), x))
+  out = np.asarray(augment.augment(jax.random.PRNGKey(3), x, ranges))
   for i in range(4):  # each image is either itself or its mirror
     same, mirrored = np.allclose(out[i], x[i], atol=1e-5), np.allclose(out[i], x[i, :, ::-1], atol=1e-5)
     assert same or mirrored
@@ -42,3 +39,32 @@ def test_flip_and_brightness_statistics():
   ratio = np.asarray(grey).reshape(256, -1) / 0.5
   np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-5)
   assert 0.8 <= ratio.min() and ratio.max() <= 1.2 and ratio[:, 0].std() > 0.08
+
+
+def test_ranges_are_traced_values_of_one_compiled_function():
+  x = _images()
+  traces = []
+
+  @jax.jit
+  def run(ranges):
+    traces.append(1)
+    return augment.augment(jax.random.PRNGKey(6), x, ranges)
+
+  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
+  np.testing.assert_allclose(run(none), x, atol=1e-5)  # every range 0: the identity
+  strong = dict(none, rotation=45.0)
+  assert not np.allclose(run(strong), x, atol=1e-2)
+  assert len(traces) == 1
+
+
+def test_random_resized_crop_zooms_into_part_of_the_image():
+  # A horizontal ramp: a crop of a fraction of the width spans less of the ramp's range.
+  x = jnp.tile(jnp.linspace(0, 1, 32)[None, None, :, None], (64, 32, 1, 3))
+  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
+  whole = np.asarray(augment.augment(jax.random.PRNGKey(7), x, none))
+  cropped = np.asarray(augment.augment(jax.random.PRNGKey(7), x, dict(none, crop_min_scale=0.25)))
+  span = lambda a: a[:, 16, -1, 0] - a[:, 16, 0, 0]
+  np.testing.assert_allclose(span(whole), 1.0, atol=1e-5)
+  assert span(cropped).max() < 1.0 + 1e-5 and span(cropped).mean() < 0.85
+  # The narrowest crop allowed: area 1/4 at aspect ratio 3/4, sqrt(1/4 * 3/4) = 0.43 of the width.
+  assert span(cropped).min() > 0.42

@@ -18,6 +18,7 @@ import pytest
 
 from tests import conftest
 from cnn import checkpoints
+from cnn import errors
 from cnn import config as config_lib
 from cnn import input_pipeline
 from cnn import train
@@ -159,7 +160,9 @@ def _kept_checkpoints(config, workdir) -> list[tuple[train.TrainState, dict]]:
 
 def _holdout_loss(config, state) -> float:
   data = input_pipeline.load_dataset(config)
-  loss, _ = train.evaluate_arrays(state, data.holdout_images, data.holdout_labels,
+  steps = train.steps_for(train.program_for(config, 3))
+  loss, _ = train.evaluate_arrays(steps, state.variables, (data.holdout_images,
+                                                           data.holdout_labels),
                                   config.eval_batch_size, train.make_mesh())
   return loss
 
@@ -197,20 +200,26 @@ def test_a_finite_loss_that_leaves_useless_parameters_is_caught_at_validation(co
 def test_divergence_mid_run_keeps_the_last_good_epoch(config, tmp_path, monkeypatch):
   # The loss turns NaN at step 8, inside epoch 2 (6 steps an epoch): as if the run blew up there.
   config.num_epochs = 3
-  real_step = train.train_step
+  real_steps_for = train.steps_for
 
-  def blows_up_at_step_8(state, batch):
-    if int(state.step) == 8:
-      state = state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, state.params))
-    return real_step(state, batch)
+  def steps_for(program):
+    steps = real_steps_for(program)
 
-  monkeypatch.setattr(train, 'train_step', blows_up_at_step_8)
+    def blows_up_at_step_8(state, batch, hp):
+      if int(state.step) == 8:
+        state = state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, state.params))
+      return steps.train(state, batch, hp)
+
+    return steps._replace(train=blows_up_at_step_8)
+
+  monkeypatch.setattr(train, 'steps_for', steps_for)
   _, bad_step, epoch = _diverge(config, tmp_path)
   assert (bad_step, epoch) == (8, 2)
   (logged,) = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   kept = _kept_checkpoints(config, tmp_path)
   (latest, latest_meta), (_, best_meta) = kept
-  assert int(latest.step) == 6 and latest_meta['epoch'] == best_meta['epoch'] == 1
+  assert int(latest.step) == 6 and best_meta['epoch'] == 1  # epoch 1 ends at step 6
+  assert latest_meta['best_epoch'] == 1
   for state, _ in kept:
     assert _holdout_loss(config, state) == pytest.approx(logged['val_loss'], rel=1e-5)
 
@@ -232,7 +241,7 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
 
   config.learning_rate = 0.01
   config.dropout = 0.25
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.WorkdirError) as e:
     train.train_and_evaluate(config, str(workdir))
   assert str(e.value) == (
       f'{workdir} holds a run with a different config (dropout: 0.0 -> 0.25, learning_rate: '

@@ -41,10 +41,9 @@ def test_training_learns_and_writes_its_results(tiny_config, tmp_path):
   assert meta['epoch'] == summary['best_epoch']
   # The best checkpoint really reproduces the best validation accuracy.
   data = input_pipeline.load_dataset(tiny_config)
-  state = train.create_train_state(tiny_config, 3, jax.random.PRNGKey(0))
-  state = state.replace(params=best_vars['params'], batch_stats=best_vars['batch_stats'])
-  _, acc = train.evaluate_arrays(state, data.holdout_images, data.holdout_labels, 16,
-                                 train.make_mesh())
+  steps = train.steps_for(train.program_for(tiny_config, 3))
+  _, acc = train.evaluate_arrays(steps, best_vars, (data.holdout_images, data.holdout_labels),
+                                 16, train.make_mesh())
   assert acc == pytest.approx(summary['best_val_accuracy'])
 
 
@@ -80,17 +79,19 @@ _KILL_AT_STEP = r'''
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from cnn import train
-from tests.conftest import write_image_folder
 import ml_collections, json
 config = ml_collections.ConfigDict(json.loads({config!r}))
 kill_at = {kill_at}
-real_step = train.train_step
-def step(state, batch):
-  out = real_step(state, batch)
-  if kill_at >= 0 and int(out[0].step) == kill_at:
-    os.kill(os.getpid(), signal.SIGTERM)
-  return out
-train.train_step = step
+real_steps_for = train.steps_for
+def steps_for(program):
+  steps = real_steps_for(program)
+  def train_step(state, batch, hp):
+    out = steps.train(state, batch, hp)
+    if kill_at >= 0 and int(out[0].step) == kill_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+  return steps._replace(train=train_step)
+train.steps_for = steps_for
 train.train_and_evaluate(config, {workdir!r})
 '''
 
@@ -107,21 +108,87 @@ def _comparable(history):
           for h in history]
 
 
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tiny_config, tmp_path):
-  tiny_config.num_epochs = 3
-  tiny_config.data_aug = True
-  tiny_config.dropout = 0.2
-  tiny_config.batch_norm = True
-  steps_per_epoch = 54 // tiny_config.batch_size
-  kill_at = int(np.random.default_rng().integers(1, 3 * steps_per_epoch))
-  killed = _run_killed_at(tiny_config, tmp_path / 'run', kill_at)
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, tiny_data_dir, tiny_cache_dir):
+  """(config, workdir) of the uninterrupted run the killed-and-resumed ones must equal."""
+  config = _kill_config(tiny_data_dir, tiny_cache_dir)
+  workdir = tmp_path_factory.mktemp('straight')
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+def _kill_config(data_dir, cache_dir):
+  from configs import default
+  c = default.get_config()
+  c.update(dict(data_dir=str(data_dir), cache_dir=str(cache_dir), download=False, image_size=32,
+                first_layer_filters=4, conv_layers=2, dense_size=8, batch_size=8,
+                eval_batch_size=16, num_epochs=3, wandb_mode='disabled', data_aug=True,
+                dropout=0.2, batch_norm=True))
+  return c
+
+
+# 6 steps an epoch: mid-epoch, and right after an epoch's last step (before its validation).
+@pytest.mark.parametrize('kill_at', [4, 12])
+def test_sigterm_then_resume_equals_uninterrupted_run(straight_run, tmp_path, kill_at):
+  config, straight = straight_run
+  killed = _run_killed_at(config, tmp_path / 'run', kill_at)
   assert killed.returncode != 0, killed.stderr[-2000:]
   assert f'SIGTERM: saved a checkpoint at step {kill_at}' in killed.stderr, killed.stderr[-2000:]
   assert not (tmp_path / 'run' / 'summary.json').exists()
-  resumed = _run_killed_at(tiny_config, tmp_path / 'run', -1)
+  resumed = _run_killed_at(config, tmp_path / 'run', -1)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'resuming' in resumed.stdout
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-  assert _comparable(_metrics(tmp_path / 'run')) == _comparable(_metrics(tmp_path / 'straight'))
-  for a, b in zip(_best_params(tmp_path / 'run'), _best_params(tmp_path / 'straight')):
+  assert _comparable(_metrics(tmp_path / 'run')) == _comparable(_metrics(straight))
+  for a, b in zip(_best_params(tmp_path / 'run'), _best_params(straight)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_runs_that_differ_in_learning_rate_and_seed_trace_the_train_step_once(tiny_config,
+                                                                              tmp_path):
+  """Learning rate, schedule and seed are traced values: one trace of the step for 3 runs."""
+  from jax import monitoring
+  traced = []
+
+  def listener(event, _, **kw):
+    if event == '/jax/core/compile/jaxpr_trace_duration':
+      traced.append(kw.get('fun_name'))
+
+  monitoring.register_event_duration_secs_listener(listener)
+  tiny_config.num_epochs = 1
+  tiny_config.image_size = 34  # a shape no other test compiles: this test's first run traces
+  try:
+    for i, (lr, seed) in enumerate(((1e-3, 0), (3e-3, 1), (3e-4, 2))):
+      tiny_config.learning_rate, tiny_config.seed = lr, seed
+      tiny_config.lr_schedule = ('constant', 'cosine')[i % 2]
+      train.train_and_evaluate(tiny_config, str(tmp_path / str(i)))
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+  assert traced.count('_train_step') == 1, traced
+
+
+def test_learning_rate_schedule_warms_up_then_decays_by_cosine(tiny_config):
+  tiny_config.update(dict(learning_rate=0.1, lr_schedule='cosine', warmup_epochs=1.0,
+                          num_epochs=5))
+  hp = train.hyperparams(tiny_config, steps_per_epoch=10)
+  lr = [float(train.learning_rate(hp, np.int32(t))) for t in range(50)]
+  np.testing.assert_allclose(lr[:10], 0.1 * np.arange(1, 11) / 10, rtol=1e-6)  # linear warm-up
+  assert all(a > b for a, b in zip(lr[10:], lr[11:]))  # then strictly decreasing
+  np.testing.assert_allclose(lr[30], 0.1 * 0.5 * (1 + np.cos(np.pi * 20 / 40)), rtol=1e-6)
+  tiny_config.lr_schedule = 'constant'
+  hp = train.hyperparams(tiny_config, steps_per_epoch=10)
+  assert [float(train.learning_rate(hp, np.int32(t))) for t in (10, 49)] == pytest.approx([0.1] * 2)
+
+
+def test_adamw_step_is_optax_adamw_at_the_traced_rate(tiny_config):
+  """The unit-rate optimizer scaled in the step equals optax.adamw(lr, wd) itself."""
+  import optax
+  tiny_config.update(dict(optimizer='adamw', learning_rate=0.01, weight_decay=0.1))
+  params = {'w': np.linspace(-1, 1, 5).astype(np.float32)}
+  grads = {'w': np.array([0.3, -0.2, 0.0, 0.5, 1.0], np.float32)}
+  ref = optax.adamw(0.01, weight_decay=0.1)
+  ref_updates, _ = ref.update(grads, ref.init(params), params)
+  tx = train.make_optimizer(tiny_config)
+  direction, _ = tx.update(grads, tx.init(params), params)
+  hp = train.hyperparams(tiny_config, steps_per_epoch=10)
+  ours = train.learning_rate(hp, np.int32(0)) * (direction['w'] - hp['weight_decay'] * params['w'])
+  np.testing.assert_allclose(ours, ref_updates['w'], rtol=1e-6)
