@@ -16,7 +16,28 @@ from cnn import config as config_lib
 from cnn import errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
+
+
+def fail(message) -> int:
+  """Prints `message` as the one `error:` line a user sees; returns the exit status, 2."""
+  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+  return 2
+
+
+def unknown_field(e: AttributeError) -> str:
+  """ml_collections' AttributeError(KeyError("'field'\nDid you mean ...")) as one sentence."""
+  detail = e.args[0] if e.args else e
+  detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else str(detail)
+  field, _, hint = str(detail).partition('\n')
+  return (f'--config.{field.strip(chr(39))} is not a field of the config. '
+          f'{hint + " " if hint else ""}configs/default.py lists every field with its meaning.')
+
+
+try:  # without --config=FILE this already reads the --config.FIELD overrides from sys.argv
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
+except AttributeError as e:
+  sys.exit(fail(unknown_field(e)))
+
 flags.DEFINE_string('workdir', '', 'Where a run keeps everything; default workdirs/<run name>.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'guided_bp', 'count', 'sweep',
                                    'sweep_report'], 'What to do.')
@@ -102,27 +123,19 @@ def resolve_config(mode: str, workdir: str):
   return config
 
 
-def fail(message) -> int:
-  """Prints `message` as the one `error:` line a user sees; returns the exit status, 2."""
-  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
-  return 2
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, but every bad flag is one `error:` line and exit status 2."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    FLAGS.config.get('run_name')  # a --config FILE that failed to load raises only once used
+    return argv
   except flags.Error as e:  # unknown flag, bad enum or literal; absl would add a usage hint
     sys.exit(fail(f'{e}. --helpshort lists the flags'))
-  except AttributeError as e:  # ml_collections: AttributeError(KeyError("'field'\nDid you mean"))
-    detail = e.args[0] if e.args else e
-    detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else str(detail)
-    field, _, hint = str(detail).partition('\n')
-    sys.exit(fail(f'--config.{field.strip(chr(39))} is not a field of the config. '
-                  f'{hint + " " if hint else ""}configs/default.py lists every field with its '
-                  'meaning.'))
-  except OSError as e:  # --config=FILE that cannot be loaded
-    sys.exit(fail(e))
+  except AttributeError as e:
+    sys.exit(fail(unknown_field(e)))
+  except OSError as e:  # ml_collections' words for a --config FILE it could not load
+    sys.exit(fail(str(e).removeprefix('Configuration is not available because of an earlier '
+                                      'failure to load: ')))
 
 
 def main(argv):

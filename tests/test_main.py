@@ -98,6 +98,8 @@ USER_ERRORS = {
     'flag': (lambda t: ['--mode=bogus'], 'flag --mode=bogus: value should be one of'),
     'config_field': (lambda t: ['--config.image_sze=64'],
                      '--config.image_sze is not a field of the config'),
+    'config_file': (lambda t: [f'--config={t}/missing.py'],
+                    'No such file or directory'),
 }
 
 
