@@ -13,9 +13,31 @@ from absl import logging
 from ml_collections import config_flags
 
 from cnn import config as config_lib
+from cnn import errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
+
+
+def fail(message) -> int:
+  """Prints `message` as the one `error:` line a user sees; returns the exit status, 2."""
+  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+  return 2
+
+
+def unknown_field(e: AttributeError) -> str:
+  """ml_collections' AttributeError(KeyError("'field'\nDid you mean ...")) as one sentence."""
+  detail = e.args[0] if e.args else e
+  detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else str(detail)
+  field, _, hint = str(detail).partition('\n')
+  return (f'--config.{field.strip(chr(39))} is not a field of the config. '
+          f'{hint + " " if hint else ""}configs/default.py lists every field with its meaning.')
+
+
+try:  # without --config=FILE this already reads the --config.FIELD overrides from sys.argv
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (get_config()).')
+except AttributeError as e:
+  sys.exit(fail(unknown_field(e)))
+
 flags.DEFINE_string('workdir', '', 'Where a run keeps everything; default workdirs/<run name>.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'guided_bp', 'count', 'sweep',
                                    'sweep_report'], 'What to do.')
@@ -102,20 +124,22 @@ def resolve_config(mode: str, workdir: str):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but a --config.FIELD the config lacks is one line, not a traceback."""
+  """absl's flag parsing, but every bad flag is one `error:` line and exit status 2."""
   try:
-    return app.parse_flags_with_usage(argv)
-  except AttributeError as e:  # ml_collections: AttributeError(KeyError("'field'\nDid you mean"))
-    detail = e.args[0] if e.args else e
-    detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else str(detail)
-    field, _, hint = str(detail).partition('\n')
-    print(f'error: --config.{field.strip(chr(39))} is not a field of the config. '
-          f'{hint + " " if hint else ""}configs/default.py lists every field with its meaning.',
-          file=sys.stderr)
-    sys.exit(2)
+    argv = FLAGS(argv)
+    FLAGS.config.get('run_name')  # a --config FILE that failed to load raises only once used
+    return argv
+  except flags.Error as e:  # unknown flag, bad enum or literal; absl would add a usage hint
+    sys.exit(fail(f'{e}. --helpshort lists the flags'))
+  except AttributeError as e:
+    sys.exit(fail(unknown_field(e)))
+  except OSError as e:  # ml_collections' words for a --config FILE it could not load
+    sys.exit(fail(str(e).removeprefix('Configuration is not available because of an earlier '
+                                      'failure to load: ')))
 
 
 def main(argv):
+  """Runs FLAGS.mode; errors the user can fix propagate (run() prints them)."""
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step of every save at INFO
   mode = FLAGS.mode
@@ -125,16 +149,23 @@ def main(argv):
   if FLAGS.distributed or (FLAGS.distributed is None and os.environ.get('JAX_COORDINATOR_ADDRESS')):
     import jax
     jax.distributed.initialize()
+  config = resolve_config(mode, FLAGS.workdir)
+  workdir = FLAGS.workdir or (default_workdir(config) if mode == 'train' else '')
+  if not needs_workdir:
+    config_lib.validate(config)
+  return fn(config, workdir, argv[1:])
+
+
+def run(argv: list[str]) -> int:
+  """main(argv) -> exit status; an error the user can fix is one `error:` line and status 2.
+
+  app.UsageError is caught here too: absl would print the whole usage text before it.
+  """
   try:
-    config = resolve_config(mode, FLAGS.workdir)
-    workdir = FLAGS.workdir or (default_workdir(config) if mode == 'train' else '')
-    if not needs_workdir:
-      config_lib.validate(config)
-    return fn(config, workdir, argv[1:])
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return main(argv)
+  except (errors.UserError, app.UsageError) as e:
+    return fail(e)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(run, flags_parser=parse_flags)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnn import errors
 from cnn import models
 
 
@@ -66,7 +67,7 @@ def restore_best(workdir: str) -> tuple[dict, dict]:
   """({'params', 'batch_stats'} as numpy pytrees, meta with epoch and val_acc) of the best epoch."""
   restored = _restore(workdir, 'best')
   if restored is None:
-    raise FileNotFoundError(
+    raise errors.WorkdirError(
         f'no best checkpoint in {os.path.join(workdir, "checkpoints", "best")}; train first: '
         f'python main.py --config=configs/optimal.py --workdir={workdir}')
   return restored
@@ -103,7 +104,7 @@ def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} the workdir of a training run?')
+    raise errors.WorkdirError(f'{path} not found: is {workdir!r} the workdir of a training run?')
   config = ml_collections.ConfigDict(read_json(path))
   if 'guided_bp_channels' in config:
     config.guided_bp_channels = tuple(config.guided_bp_channels)  # JSON gives a list

@@ -1,5 +1,6 @@
 """Fetches and unpacks the public iNaturalist 12K archive when data_dir does not exist yet."""
 
+import http.client
 import os
 import pathlib
 import shutil
@@ -10,9 +11,13 @@ import zlib
 
 import tqdm
 
-from cnn.input_pipeline import DatasetError
+from cnn import errors
 
 _CHUNK = 1 << 20
+
+
+class DownloadError(errors.UserError):
+  """data_dir is missing and the archive could not be fetched or unpacked; says what to do."""
 
 
 def fetch(url: str, dest: pathlib.Path, timeout: float = 30.0) -> None:
@@ -30,8 +35,8 @@ def fetch(url: str, dest: pathlib.Path, timeout: float = 30.0) -> None:
         f.write(chunk)
         bar.update(len(chunk))
   if total is not None and part.stat().st_size != total:
-    raise DatasetError(f'download of {url} stopped at {part.stat().st_size} of {total} bytes; '
-                       'run again to resume')
+    raise DownloadError(f'download of {url} stopped at {part.stat().st_size} of {total} bytes; '
+                        'run again to resume')
   os.replace(part, dest)
 
 
@@ -41,14 +46,14 @@ def extract(archive: pathlib.Path, into: pathlib.Path) -> None:
     with zipfile.ZipFile(archive) as z:
       bad = z.testzip()
       if bad is not None:
-        raise DatasetError(f'{archive} is corrupt ({bad} fails its CRC); delete it and run again')
+        raise DownloadError(f'{archive} is corrupt ({bad} fails its CRC); delete it and run again')
       tmp = into.with_name(into.name + '.extracting')
       shutil.rmtree(tmp, ignore_errors=True)
       z.extractall(tmp)
   except zipfile.BadZipFile as e:
-    raise DatasetError(f'{archive} is not a valid zip ({e}); delete it and run again') from None
+    raise DownloadError(f'{archive} is not a valid zip ({e}); delete it and run again') from None
   except zlib.error as e:  # damaged compressed data: testzip only reports CRC mismatches
-    raise DatasetError(f'{archive} is corrupt ({e}); delete it and run again') from None
+    raise DownloadError(f'{archive} is corrupt ({e}); delete it and run again') from None
   for name in os.listdir(tmp):
     target = into / name
     if not target.exists():
@@ -64,7 +69,7 @@ def ensure_dataset(config) -> None:
   where = (f'Put the data at {data_dir} (it must hold train/<class>/ and val/<class>/) or point '
            f'at it with --config.data_dir=PATH')
   if not config.download:
-    raise DatasetError(f'data_dir {data_dir} does not exist and download is off. {where}')
+    raise DownloadError(f'data_dir {data_dir} does not exist and download is off. {where}')
   parent = data_dir.parent
   parent.mkdir(parents=True, exist_ok=True)
   archive = parent / os.path.basename(config.dataset_url.split('?')[0])
@@ -72,12 +77,14 @@ def ensure_dataset(config) -> None:
     if not archive.exists():
       print(f'downloading {config.dataset_url} to {archive}')
       fetch(config.dataset_url, archive)
-  except (urllib.error.URLError, OSError) as e:
-    raise DatasetError(f'could not download {config.dataset_url} ({e}). {where}, or download '
-                       'the archive yourself and unzip it there') from None
+  except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+    # Refused, unreachable, timed out (OSErrors), a reply that is not HTTP, or a dataset_url
+    # that urllib cannot parse (ValueError): all fixed by putting the data there by hand.
+    raise DownloadError(f'could not download {config.dataset_url} ({e}). {where}, or download '
+                        'the archive yourself and unzip it there') from None
   print(f'extracting {archive} into {parent}')
   extract(archive, parent)
   if not data_dir.exists():
-    raise DatasetError(f'{archive} unpacked into {parent} but has no {data_dir.name}/: it holds '
-                       f'{sorted(os.listdir(parent))}. Set --config.data_dir to the folder that '
-                       'holds train/ and val/')
+    raise DownloadError(f'{archive} unpacked into {parent} but has no {data_dir.name}/: it holds '
+                        f'{sorted(os.listdir(parent))}. Set --config.data_dir to the folder that '
+                        'holds train/ and val/')

@@ -260,7 +260,7 @@ def pick_image(config) -> tuple[np.ndarray, str]:
   """(S, S, 3) uint8 image and its path: config.guided_bp_image, else a seeded test image."""
   if config.guided_bp_image:
     if not os.path.isfile(config.guided_bp_image):
-      raise FileNotFoundError(f'guided_bp_image {config.guided_bp_image!r} does not exist')
+      raise config_lib.ConfigError(f'guided_bp_image {config.guided_bp_image!r} does not exist')
     return input_pipeline.read_image(config.guided_bp_image, config.image_size), \
         config.guided_bp_image
   paths = input_pipeline.discover(config.data_dir)[0]['val'].paths

@@ -1,5 +1,6 @@
 """Fetching the archive from a local HTTP server: resume, verification, extraction, clear errors."""
 
+import functools
 import http.server
 import io
 import pathlib
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from cnn import download
+from cnn import errors
 from cnn import input_pipeline
-from cnn.input_pipeline import DatasetError
+from cnn.download import DownloadError
 from tests.conftest import write_image_folder
 
 
@@ -149,7 +151,7 @@ def test_a_server_that_ignores_range_gets_a_fresh_download(config, server, archi
 def test_a_dropped_connection_says_run_again_and_the_rerun_resumes(config, server, archive,
                                                                     tmp_path):
   server.cut_next_after = len(archive) // 2
-  with pytest.raises(DatasetError) as e:
+  with pytest.raises(DownloadError) as e:
     download.ensure_dataset(config)
   assert f'stopped at {len(archive) // 2} of {len(archive)} bytes; run again to resume' in str(
       e.value)
@@ -185,7 +187,7 @@ def test_a_corrupt_archive_is_a_clear_error_and_nothing_is_extracted(config, ser
       z.writestr('inaturalist_12K/README.txt', 'the same line again\n' * 400)
     bad = _flip_inside_first_member(buf.getvalue())
   server.files['/nature_12K.zip'] = bad
-  with pytest.raises(DatasetError) as e:
+  with pytest.raises(DownloadError) as e:
     download.ensure_dataset(config)
   path = tmp_path / 'data' / 'nature_12K.zip'
   message = str(e.value)
@@ -201,7 +203,7 @@ def test_an_archive_without_the_expected_folder_says_what_it_holds(config, serve
   src = tmp_path / 'src'
   write_image_folder(src, {'train': 1, 'val': 1}, size=20)
   server.files['/nature_12K.zip'] = _zip(src, 'nature_12K')
-  with pytest.raises(DatasetError) as e:
+  with pytest.raises(DownloadError) as e:
     download.ensure_dataset(config)
   assert "has no inaturalist_12K/: it holds ['nature_12K', 'nature_12K.zip']" in str(e.value)
   assert 'Set --config.data_dir to the folder that holds train/ and val/' in str(e.value)
@@ -210,7 +212,7 @@ def test_an_archive_without_the_expected_folder_says_what_it_holds(config, serve
 def test_no_server_fails_at_once_saying_where_to_put_the_data(config, tmp_path):
   config.dataset_url = f'http://127.0.0.1:{_closed_port()}/nature_12K.zip'
   t0 = time.perf_counter()
-  with pytest.raises(DatasetError) as e:
+  with pytest.raises(DownloadError) as e:
     download.ensure_dataset(config)
   assert time.perf_counter() - t0 < 5
   message = str(e.value)
@@ -221,17 +223,32 @@ def test_no_server_fails_at_once_saying_where_to_put_the_data(config, tmp_path):
   assert '--config.data_dir=PATH' in message
   assert 'download the archive yourself and unzip it there' in message
   assert not pathlib.Path(config.data_dir).exists()
+  # main prints a UserError as one `error:` line.
+  assert isinstance(e.value, errors.UserError) and '\n' not in message
+
+
+def test_a_server_that_never_answers_times_out_with_the_same_advice(config, monkeypatch):
+  with socket.socket() as listening:  # the kernel accepts the connection; nobody replies
+    listening.bind(('127.0.0.1', 0))
+    listening.listen()
+    config.dataset_url = f'http://127.0.0.1:{listening.getsockname()[1]}/nature_12K.zip'
+    monkeypatch.setattr(download, 'fetch', functools.partial(download.fetch, timeout=0.2))
+    with pytest.raises(DownloadError) as e:
+      download.ensure_dataset(config)
+  message = str(e.value)
+  assert message.startswith(f'could not download {config.dataset_url} (timed out)'), message
+  assert '--config.data_dir=PATH' in message and '\n' not in message
 
 
 def test_a_missing_file_on_the_server_is_a_clear_error(config):
   config.dataset_url = config.dataset_url.replace('nature_12K', 'moved')
-  with pytest.raises(DatasetError, match=r'could not download .*moved\.zip \(HTTP Error 404'):
+  with pytest.raises(DownloadError, match=r'could not download .*moved\.zip \(HTTP Error 404'):
     download.ensure_dataset(config)
 
 
 def test_download_off_and_no_data(config, server):
   config.download = False
-  with pytest.raises(DatasetError) as e:
+  with pytest.raises(DownloadError) as e:
     download.ensure_dataset(config)
   assert str(e.value) == (
       f'data_dir {config.data_dir} does not exist and download is off. Put the data at '
