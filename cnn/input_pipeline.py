@@ -350,8 +350,7 @@ def _prepared_builder(splits, class_names, image_size, name, root):
     shutil.rmtree(stale, ignore_errors=True)
   n, t = sum(len(s.paths) for s in splits.values()), time.perf_counter()
   print(f'decoding {n} images once into {root} ...', flush=True)
-  with _quiet_tfds():
-    builder.download_and_prepare()
+  builder.download_and_prepare()
   t = time.perf_counter() - t
   print(f'cache built: {n} images in {t:.1f} s ({n / t:.0f} images/s)', flush=True)
   return builder
@@ -428,7 +427,8 @@ def load_dataset(config) -> Dataset:
   # half-written; the lock makes concurrent sweep runs build once and share the result.
   with open(root / f'{name}.lock', 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    builder = _prepared_builder(splits, class_names, config.image_size, name, root)
+    with _quiet_tfds():
+      builder = _prepared_builder(splits, class_names, config.image_size, name, root)
     fcntl.flock(lock, fcntl.LOCK_UN)
 
   with _quiet_tfds():
