@@ -278,6 +278,12 @@ def _decode_split(files: FileList, size: int, reasons: dict[str, str]):
   return (images if len(kept) == len(images) else images[kept]), np.array(kept, np.int64)
 
 
+def cache_name(config, splits: dict[str, FileList], class_names: list[str]) -> str:
+  """The cache's TFDS config name: the folder's name, the image size and a content hash."""
+  fingerprint = _fingerprint(splits, class_names)
+  return f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
+
+
 def _cache_root(cache_dir: str) -> pathlib.Path:
   if cache_dir:
     return pathlib.Path(cache_dir)
@@ -419,9 +425,7 @@ def _check_every_class_readable(files: FileList, kept: np.ndarray, class_names: 
 def load_dataset(config) -> Dataset:
   """Train/hold-out/test arrays at `config.image_size`, building the cache on first use."""
   splits, class_names = discover(config.data_dir)
-  fingerprint = _fingerprint(splits, class_names)
-  name = f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
-  root = _cache_root(config.cache_dir)
+  name, root = cache_name(config, splits, class_names), _cache_root(config.cache_dir)
   root.mkdir(parents=True, exist_ok=True)
   # TFDS writes into a temporary folder and renames it, so a killed build leaves nothing
   # half-written; the lock makes concurrent sweep runs build once and share the result.
