@@ -139,7 +139,8 @@ print('read', len(ds.train_labels), 'training images')
 
 def test_without_tensorflow_trains_from_arrays_in_memory(tiny_config, tmp_path):
   # (c) Needs train_and_evaluate(config, workdir, data=dataset), which another change adds.
-  tiny_config.update(image_size=16, num_epochs=1, data_dir=str(tmp_path / 'no_data_here'))
+  # data_dir stays a real folder, in case training still checks that it exists.
+  tiny_config.update(image_size=16, num_epochs=1, cache_dir=str(tmp_path / 'unused_cache'))
   out = _run_without_tensorflow(tmp_path, '''
 import cnn.train
 from cnn import input_pipeline
