@@ -5,11 +5,13 @@ import json
 import os
 import pathlib
 import shutil
+import warnings
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from cnn import errors
 from cnn import input_pipeline
 from cnn import train
 from cnn.input_pipeline import DatasetError
@@ -177,6 +179,54 @@ def test_corrupt_images_are_skipped_named_and_listed_in_the_summary(config, data
   assert ds.skipped == unreadable
   for path in unreadable:
     assert sum(path in line for line in err.splitlines()) == 1, err
+
+
+def test_dataset_error_is_a_user_error():
+  assert issubclass(DatasetError, errors.UserError)
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_a_class_with_no_readable_image_is_an_error(config, data, split):
+  files = sorted((data / split / 'red').iterdir())
+  for f in files:
+    f.write_bytes(b'not an image at all' * 10)
+  message = _load_error(config)
+  assert message.startswith(
+      f'class folder {data / split / "red"} has no readable images: all {len(files)} of its '
+      f'image files failed to decode (first: {files[0]}: not a readable image (')
+  assert message.endswith('); replace them, or remove the class folder from both splits')
+
+
+def test_many_unreadable_images_name_the_first_five_and_count_the_rest(config, data, capsys):
+  bad = sorted(str(data / 'train' / 'green' / f'bad_{i:02d}.jpg') for i in range(8))
+  for path in bad:
+    pathlib.Path(path).write_bytes(b'')
+  for _ in range(2):  # on the build and when read from the cache
+    ds = input_pipeline.load_dataset(config)
+    err = capsys.readouterr().err.splitlines()
+    assert ds.skipped == bad
+    assert [line.split()[4] for line in err[:5]] == [f'{p}:' for p in bad[:5]]
+    assert err[5:] == ['warning: ... and 3 more unreadable images; all are listed in summary.json']
+
+
+def test_decoders_warnings_stay_off_the_screen(config, data, capsys):
+  # A palette PNG whose transparency is a byte string: PIL warns when converting it to RGB.
+  path = data / 'train' / 'blue' / 'palette.png'
+  palette = Image.fromarray(np.arange(576, dtype=np.uint8).reshape(24, 24) % 4, 'L').convert('P')
+  palette.putpalette([0, 0, 255, 0, 0, 200, 20, 20, 230, 9, 9, 255])
+  palette.save(path, transparency=bytes([255, 128, 0, 255]))
+  with warnings.catch_warnings(record=True) as caught, Image.open(path) as im:
+    warnings.simplefilter('always')
+    im.convert('RGB')
+  assert 'Palette images with Transparency' in str(caught[0].message)  # it does warn
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    ds = input_pipeline.load_dataset(config)
+  assert ds.skipped == [] and [str(w.message) for w in caught] == []
+  assert capsys.readouterr().err == ''
+  assert _find(ds, input_pipeline.read_image(str(path), config.image_size)) == [
+      CLASSES.index('blue')]
 
 
 def test_read_image_names_the_file_and_the_reason(tmp_path):

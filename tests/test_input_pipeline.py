@@ -1,9 +1,73 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from cnn import input_pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ARRAYS = ('train_images', 'train_labels', 'holdout_images', 'holdout_labels', 'test_images',
+          'test_labels')
+# A sitecustomize that makes TensorFlow look uninstalled: the path finder stops seeing it, so
+# `import tensorflow` fails and importlib.util.find_spec('tensorflow') is None, as without it.
+NO_TENSORFLOW = '''
+import importlib.machinery
+import sys
+
+
+class _Hide:
+
+  def __init__(self, finder):
+    self._finder = finder
+
+  def find_spec(self, name, path=None, target=None):
+    if name.partition('.')[0] == 'tensorflow':
+      return None
+    return self._finder.find_spec(name, path, target)
+
+  def __getattr__(self, name):
+    return getattr(self._finder, name)
+
+
+sys.meta_path[:] = [_Hide(f) if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+'''
+# Run first in every script: the blocker really blocks, and the config comes from the test.
+PRELUDE = '''
+import importlib.util, json, sys
+assert importlib.util.find_spec('tensorflow') is None
+try:
+  import tensorflow
+  raise AssertionError('tensorflow was imported')
+except ModuleNotFoundError:
+  pass
+import numpy as np
+from configs import default
+config = default.get_config()
+config.update(json.loads(sys.argv[1]))
+'''
+
+
+def _run_without_tensorflow(tmp_path: pathlib.Path, script: str, config) -> str:
+  """Runs `script` after PRELUDE in a Python that cannot import TensorFlow; returns stdout."""
+  blocker = tmp_path / 'no_tensorflow'
+  blocker.mkdir(exist_ok=True)
+  (blocker / 'sitecustomize.py').write_text(NO_TENSORFLOW)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+  run = subprocess.run([sys.executable, '-c', PRELUDE + script, json.dumps(config.to_dict())],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout
+
+
+def _cache_files(root: pathlib.Path) -> dict[str, int]:
+  """Modification times of the cache's files (the lock file beside them is not the cache)."""
+  return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob('*'))
+          if p.is_file() and p.suffix != '.lock'}
 
 
 def test_holdout_is_class_balanced_disjoint_and_seeded():
@@ -40,8 +104,7 @@ def test_load_dataset_splits_and_caches(tiny_config, tmp_path):
   assert time.perf_counter() - t0 < max(first_s, 5.0)
   assert [p.stat().st_mtime_ns for p in cache_files] == mtimes  # reused, not rebuilt
   # The build hands over the arrays it decoded; a later run reads the cache: the same data.
-  for field in ('train_images', 'train_labels', 'holdout_images', 'holdout_labels',
-                'test_images', 'test_labels'):
+  for field in ARRAYS:
     np.testing.assert_array_equal(getattr(first, field), getattr(second, field), err_msg=field)
   assert first.test_paths == second.test_paths
 
@@ -53,6 +116,73 @@ def test_other_image_size_gets_its_own_cache(tiny_config, tmp_path):
   b = input_pipeline.load_dataset(tiny_config)
   assert a.train_images.shape[1:] == (32, 32, 3) and b.train_images.shape[1:] == (24, 24, 3)
   assert len(list((tmp_path / 'cache' / 'image_folder_cache').iterdir())) == 2
+
+
+def test_without_tensorflow_train_imports_and_a_cache_reads(tiny_config, tmp_path):
+  tiny_config.cache_dir = str(tmp_path / 'cache')
+  built = input_pipeline.load_dataset(tiny_config)  # here, where TensorFlow is importable
+  np.savez(tmp_path / 'built.npz', **{f: getattr(built, f) for f in ARRAYS})
+  files = _cache_files(tmp_path / 'cache')
+  out = _run_without_tensorflow(tmp_path, '''
+import cnn.train  # (a): it imports input_pipeline and download
+from cnn import input_pipeline
+ds = input_pipeline.load_dataset(config)  # (b)
+built = np.load('built.npz')
+for field in built.files:
+  np.testing.assert_array_equal(getattr(ds, field), built[field], err_msg=field)
+assert 'tensorflow' not in sys.modules
+print('read', len(ds.train_labels), 'training images')
+''', tiny_config)
+  assert out.splitlines() == [f'read {len(built.train_labels)} training images']  # no rebuild
+  assert _cache_files(tmp_path / 'cache') == files
+
+
+def test_without_tensorflow_trains_from_arrays_in_memory(tiny_config, tmp_path):
+  # (c) Needs train_and_evaluate(config, workdir, data=dataset), which another change adds.
+  # data_dir stays a real folder, in case training still checks that it exists.
+  tiny_config.update(image_size=16, num_epochs=1, cache_dir=str(tmp_path / 'unused_cache'))
+  out = _run_without_tensorflow(tmp_path, '''
+import cnn.train
+from cnn import input_pipeline
+rng = np.random.default_rng(0)
+images = lambda n: rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+labels = lambda n: np.arange(n, dtype=np.int32) % 3
+data = input_pipeline.Dataset(
+    train_images=images(24), train_labels=labels(24), holdout_images=images(6),
+    holdout_labels=labels(6), test_images=images(6), test_labels=labels(6),
+    test_paths=[f'val/{i}.png' for i in range(6)], class_names=['a', 'b', 'c'], skipped=[])
+summary = cnn.train.train_and_evaluate(config, 'run', data=data)
+assert 'tensorflow' not in sys.modules
+print('epochs run', summary['epochs_run'])
+''', tiny_config)
+  assert out.splitlines()[-1] == 'epochs run 1'
+
+
+def _write_old_cache(config, monkeypatch) -> None:
+  """A cache as the previous code wrote it: version 2.0.0, tfrecord files (needs TensorFlow)."""
+  splits, class_names = input_pipeline.discover(config.data_dir)
+  builder_class = input_pipeline._builder_class()  # pylint: disable=protected-access
+  with monkeypatch.context() as m:  # TFDS writes only a builder's current VERSION
+    m.setattr(builder_class, 'VERSION', builder_class.SUPPORTED_VERSIONS[0])
+    m.setattr(builder_class, 'SUPPORTED_VERSIONS', [])
+    input_pipeline.cache_builder(
+        splits, class_names, config.image_size,
+        input_pipeline.cache_name(config, splits, class_names), pathlib.Path(config.cache_dir),
+        '2.0.0', file_format='tfrecord').download_and_prepare()
+
+
+def test_a_tfrecord_cache_of_the_previous_version_is_read_not_rebuilt(tiny_config, tmp_path,
+                                                                      monkeypatch):
+  tiny_config.cache_dir = str(tmp_path / 'new')
+  fresh = input_pipeline.load_dataset(tiny_config)
+  tiny_config.cache_dir = str(tmp_path / 'old')
+  _write_old_cache(tiny_config, monkeypatch)
+  files = _cache_files(tmp_path / 'old')
+  assert any('.tfrecord' in f for f in files) and not any('array_record' in f for f in files)
+  loaded = input_pipeline.load_dataset(tiny_config)
+  for field in ARRAYS:
+    np.testing.assert_array_equal(getattr(loaded, field), getattr(fresh, field), err_msg=field)
+  assert _cache_files(tmp_path / 'old') == files  # nothing rebuilt, nothing added
 
 
 def test_batches_cover_each_epoch_once_and_depend_on_seed_and_epoch():
