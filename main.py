@@ -118,7 +118,9 @@ def resolve_config(mode: str, workdir: str):
     config = sweep.agent_config(config, FLAGS.sweep_params)
   if MODES[mode][1]:
     from cnn import checkpoints
-    config = checkpoints.load_run_config(workdir)
+    from configs import default
+    config = default.get_config()  # fields added since that run was trained take their defaults
+    config.update(checkpoints.load_run_config(workdir))
     config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
   return config
 

@@ -644,8 +644,6 @@ def _prepare(config: ml_collections.ConfigDict,
   if data is None:
     download.ensure_dataset(config)
     data = input_pipeline.load_dataset(config)
-  if data.skipped:
-    print(f'warning: {len(data.skipped)} unreadable images skipped (listed in summary.json)')
   if config.batch_size % jax.device_count():
     raise config_lib.ConfigError(f'batch_size={config.batch_size} must be a multiple of the '
                                  f'{jax.device_count()} devices')
