@@ -512,6 +512,7 @@ def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
   epoch, c = int(state.step) // run.steps_per_epoch, run.config
   sums.check_finite(epoch)
   train_metrics = sums.metrics()
+  t0 = time.time()
   if c.bn_stats == 'precise' and state.batch_stats:
     state = state.replace(batch_stats=precise_batch_stats(run.steps, state, run.bn_images,
                                                           c.batch_size, run.mesh))
@@ -522,7 +523,8 @@ def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
   if not np.isfinite(val_loss):  # finite parameters that are useless: not a checkpoint to keep
     raise TrainingDiverged(f'the validation loss became NaN/inf after step {int(state.step)} '
                            f'(end of epoch {epoch}); {_DIVERGED_ADVICE}')
-  metrics = {**train_metrics, 'val_loss': val_loss, 'val_acc': val_acc, 'step': int(state.step)}
+  metrics = {**train_metrics, 'val_loss': val_loss, 'val_acc': val_acc, 'step': int(state.step),
+             'eval_time_s': time.time() - t0}  # precise BN (and the bn_gap diagnostic) included
   if loop.stopping.update(epoch, val_acc, c):
     checkpoints.save_best(run.workdir, state, {'epoch': epoch, 'val_acc': val_acc,
                                                'class_names': run.data.class_names})

@@ -192,3 +192,33 @@ def test_adamw_step_is_optax_adamw_at_the_traced_rate(tiny_config):
   hp = train.hyperparams(tiny_config, steps_per_epoch=10)
   ours = train.learning_rate(hp, np.int32(0)) * (direction['w'] - hp['weight_decay'] * params['w'])
   np.testing.assert_allclose(ours, ref_updates['w'], rtol=1e-6)
+
+
+def _dense_features(config, variables, images):
+  """The dense layer's output (batch norm's input) in train mode, (N, dense_size)."""
+  model = train.program_for(config, 3).model.clone(dropout=0.0)
+  _, state = model.apply(variables, images.astype(np.float32) / 255, train=True,
+                         mutable=['batch_stats', 'intermediates'], capture_intermediates=True)
+  return np.asarray(state['intermediates']['dense']['__call__'][0])
+
+
+@pytest.mark.parametrize('bn_stats', ['precise', 'running'])
+def test_eval_mode_statistics_are_the_current_weights_batch_statistics(tiny_config, tmp_path,
+                                                                       bn_stats):
+  """Precise BN: after one epoch (6 steps) the eval-mode statistics are the average of the
+  current weights' batch statistics; the running averages at momentum 0.99 still hold ~94% of
+  their initial values (mean 0, var 1), which is the lag that made early validation noise."""
+  tiny_config.update(dict(batch_norm=True, num_epochs=1, bn_stats=bn_stats,
+                          precise_bn_images=48))
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  variables, _ = checkpoints.restore_best(str(tmp_path))
+  data = input_pipeline.load_dataset(tiny_config)
+  idx = train.fixed_sample(data.train_labels, 48, tiny_config.batch_size, tiny_config.seed)
+  batches = data.train_images[idx].reshape(6, 8, *data.train_images.shape[1:])
+  feats = [_dense_features(tiny_config, variables, b) for b in batches]
+  expected_mean = np.mean([f.mean(0) for f in feats], 0)
+  expected_var = np.mean([f.var(0) for f in feats], 0)
+  stats = variables['batch_stats']['bn_dense']
+  close = (np.allclose(stats['mean'], expected_mean, rtol=1e-4, atol=1e-5)
+           and np.allclose(stats['var'], expected_var, rtol=1e-4, atol=1e-5))
+  assert close == (bn_stats == 'precise')

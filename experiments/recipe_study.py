@@ -1,0 +1,171 @@
+"""Trains named recipes for several seeds, scores each once on the test split, and tabulates.
+
+    python -m experiments.recipe_study --data_dir=../shared/data/monkeys10 \
+        --recipes=optimal_before_fix,optimal,tuned --seeds=0,1,2 --workdir=workdirs/study \
+        --set=image_size=128,num_epochs=30
+
+How long it takes: one run per (recipe, seed), each as long as `python main.py` with that
+config; on a 2-core CPU at 128 px, 30 epochs of configs/optimal.py take about 10 minutes, so
+3 recipes x 3 seeds is about an hour and a half. Every run has its own workdir
+(WORKDIR/<recipe>/seed_<k>) and resumes through `train_and_evaluate`, so an interrupted study
+continues where it stopped with the same command. A recipe is chosen by its hold-out val only;
+each finished run reads the test split once (its evaluation/test_metrics.json is reused after).
+
+Writes WORKDIR/study.json (every run, and per recipe the mean, standard deviation and spread
+(max - min) of best hold-out val, test accuracy, val - test, epochs and wall time, the commit it
+ran on and the study's own wall time) and WORKDIR/study.md (the same as tables).
+"""
+
+import ast
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ''):  # `python experiments/recipe_study.py`: the repo root on the path
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import ml_collections
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> (config file, overrides). A --recipes entry may also be a config file path.
+RECIPES = {
+    # configs/optimal.py as it trained before the validation fix: running batch-norm averages.
+    'optimal_before_fix': ('configs/optimal.py', {'bn_stats': 'running'}),
+    'optimal': ('configs/optimal.py', {}),
+    'tuned': ('configs/tuned.py', {}),
+}
+METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('data_dir', 'data/inaturalist_12K', 'train/<class>/ and val/<class>/.')
+flags.DEFINE_list('recipes', ['optimal_before_fix', 'optimal', 'tuned'],
+                  f'Names ({", ".join(RECIPES)}) or config files.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'One run per recipe and seed.')
+flags.DEFINE_string('workdir', 'workdirs/study', 'A workdir per run under it, and the tables.')
+flags.DEFINE_list('set', [], 'FIELD=VALUE overrides for every run, e.g. image_size=128.')
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location('recipe_config', ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string: padding=SAME
+
+
+def recipe_config(recipe: str, seed: int, common: dict) -> ml_collections.ConfigDict:
+  """The recipe's config with the study's overrides and this seed."""
+  path, overrides = RECIPES.get(recipe, (recipe, {}))
+  config = load_config_file(path)
+  config.update({**overrides, **common, 'seed': seed})
+  return config
+
+
+def run_one(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes, or finds finished) one run, then its one read of the test split."""
+  from cnn import evaluate  # pylint: disable=g-import-not-at-top
+  from cnn import train  # pylint: disable=g-import-not-at-top
+  summary = train.train_and_evaluate(config, workdir)
+  test_path = os.path.join(workdir, 'evaluation', 'test_metrics.json')
+  if os.path.exists(test_path):
+    with open(test_path) as f:
+      test = json.load(f)
+  else:
+    test = evaluate.evaluate(config, workdir)
+  return {'best_val_accuracy': summary['best_val_accuracy'],
+          'test_accuracy': test['test_accuracy'],
+          'val_minus_test': summary['best_val_accuracy'] - test['test_accuracy'],
+          'best_epoch': summary['best_epoch'], 'epochs_run': summary['epochs_run'],
+          'wall_time_s': summary['wall_time_s'],
+          'num_holdout_images': summary['num_holdout_images'],
+          'num_test_images': test['num_test_images']}
+
+
+def aggregate(rows: list[dict]) -> dict:
+  """Per metric: mean, sample standard deviation and spread (max - min) over the seeds."""
+  out = {}
+  for m in METRICS:
+    v = np.asarray([r[m] for r in rows], np.float64)
+    out[m] = {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+              'spread': float(v.max() - v.min()), 'values': v.tolist()}
+  return out
+
+
+def commit() -> str:
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  head = git('rev-parse', '--short', 'HEAD') or 'unknown'
+  return head + ('+uncommitted' if git('status', '--porcelain', '--untracked-files=no') else '')
+
+
+def markdown(study: dict) -> str:
+  lines = [f'# Recipe study ({study["commit"]}, {study["data_dir"]}, seeds '
+           f'{", ".join(map(str, study["seeds"]))}, overrides {study["overrides"]})', '',
+           '| recipe | best hold-out val | test | val - test | epochs | wall time per run |',
+           '|---|---|---|---|---|---|']
+  for name, agg in study['recipes'].items():
+    cell = lambda m, f='.3f': (f'{agg[m]["mean"]:{f}} ± {agg[m]["std"]:{f}} '
+                               f'(spread {agg[m]["spread"]:{f}})')
+    lines.append(f'| {name} | {cell("best_val_accuracy")} | {cell("test_accuracy")} | '
+                 f'{cell("val_minus_test")} | {cell("epochs_run", ".1f")} | '
+                 f'{agg["wall_time_s"]["mean"] / 60:.1f} min |')
+  lines += ['', 'mean ± standard deviation over the seeds (spread = max - min). '
+            f'Study wall time {study["wall_time_s"] / 60:.1f} min.', '', '## Runs', '',
+            '| recipe | seed | best val (epoch) | test | epochs | wall |', '|---|---|---|---|---|---|']
+  for r in study['runs']:
+    lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["best_val_accuracy"]:.3f} '
+                 f'({r["best_epoch"]}) | {r["test_accuracy"]:.3f} | {r["epochs_run"]} | '
+                 f'{r["wall_time_s"] / 60:.1f} min |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) -> dict:
+  t0, runs = time.time(), []
+  for recipe in recipes:
+    for seed in seeds:
+      name = pathlib.Path(recipe).stem if recipe not in RECIPES else recipe
+      run_dir = os.path.join(workdir, name, f'seed_{seed}')
+      print(f'=== {name}, seed {seed}: {run_dir}', flush=True)
+      runs.append({'recipe': name, 'seed': seed,
+                   **run_one(recipe_config(recipe, seed, common), run_dir)})
+  by_recipe = {}
+  for r in runs:
+    by_recipe.setdefault(r['recipe'], []).append(r)
+  return {'commit': commit(), 'data_dir': common.get('data_dir'), 'seeds': seeds,
+          'overrides': {k: v for k, v in common.items() if k != 'data_dir'},
+          'recipes': {k: aggregate(v) for k, v in by_recipe.items()}, 'runs': runs,
+          'wall_time_s': time.time() - t0}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of every save at INFO
+  common = {'data_dir': FLAGS.data_dir, 'wandb_mode': 'disabled'}
+  common.update({k: _value(v) for k, v in (kv.split('=', 1) for kv in FLAGS.set)})
+  study = run_study(FLAGS.recipes, [int(s) for s in FLAGS.seeds], common, FLAGS.workdir)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, 'study.json'), 'w') as f:
+    json.dump(study, f, indent=2)
+  text = markdown(study)
+  with open(os.path.join(FLAGS.workdir, 'study.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
