@@ -373,17 +373,24 @@ def _seeded(*entropy: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-  old = {k: os.environ.get(k) for k in values}
-  os.environ.update(values)
+def _wandb_group(group: str, wandb_mode: str) -> Iterator[None]:
+  """The W&B runs started meanwhile go to `group`, with job type 'sweep'.
+
+  Set on wandb's session, not through $WANDB_RUN_GROUP: wandb reads its environment once, when
+  the session starts, so a variable set after any earlier run of this process was ignored,
+  and one read by the sweep's first run stayed on every later run of the process.
+  """
+  if wandb_mode == 'disabled':
+    yield
+    return
+  import wandb
+  session = wandb.setup().settings
+  old = {'run_group': session.run_group, 'run_job_type': session.run_job_type}
+  wandb.setup(settings=wandb.Settings(run_group=group, run_job_type='sweep'))
   try:
     yield
   finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    wandb.setup(settings=wandb.Settings(**old))
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -605,7 +612,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
     print(f'sweep: warning: {rejected} of {total} value combinations are rejected by the config '
           f'check and will be recorded as failed, e.g. {first}')
   group = spec.get('name') or os.path.basename(os.path.abspath(workdir))
-  with _environ(WANDB_RUN_GROUP=group, WANDB_JOB_TYPE='sweep'):
+  with _wandb_group(group, base.wandb_mode):
     while True:
       with contextlib.ExitStack() as stack:
         claim = _next_claim(workdir, spec, base, sweep_count, stack)

@@ -16,6 +16,7 @@ import pytest
 import sweeps
 from sweeps import bayes_search
 from sweeps.config.schema import fill_validate_metric
+import wandb
 import wandb.wandb_agent
 from wandb.sdk.launch.sweeps import utils as agent_utils
 from wandb.sdk.lib import config_util
@@ -375,11 +376,10 @@ def test_an_interrupted_run_is_resumed_by_the_next_invocation(tmp_path):
   assert len(os.listdir(os.path.join(workdir, sweep_files.RUNS_DIR))) == 3  # resumed in place
 
 
-WORKER = """
-import os, sys, time
-from cnn import sweep
-from cnn import sweep_files
-from tests.test_sweep import analytic_base, analytic_train
+# The analytic run's functions are copied in by source: a test module is never imported.
+WORKER = '\n'.join(['import json, os, sys, time', 'from cnn import sweep',
+                     'from configs import default'] +
+                    [inspect.getsource(f) for f in (ceiling, analytic_train, analytic_base)]) + """
 workdir, spec_path, name = sys.argv[1:]
 open(os.path.join(workdir, name + '.ready'), 'w').close()
 while not os.path.exists(os.path.join(workdir, 'go')):
@@ -507,8 +507,14 @@ def test_offline_sweep_logs_each_run_to_wandb_offline(tiny_config, tmp_path):
           'parameters': {'dense_size': {'values': [4, 8]}, 'num_epochs': {'value': 1}}}
   tiny_config.wandb_mode = ''  # auto: offline in an offline sweep, credentials or not
   workdir = tmp_path / 'sweep'
+  # A wandb session already started in this process, as an earlier test leaves it: it no
+  # longer reads $WANDB_RUN_GROUP (this test failed in full runs, never alone).
+  session = wandb.setup().settings
+  before = (session.run_group, session.run_job_type)
   sweep.run_sweep(tiny_config, str(workdir), sweep_count=2, overrides=(),
                   sweep_config_path=write_spec(tmp_path / 's.yaml', spec))
+  session = wandb.setup().settings
+  assert (session.run_group, session.run_job_type) == before  # later runs are not grouped
   records = results_lines(workdir)
   assert [r['state'] for r in records] == ['finished', 'finished'], records
   for r in records:
