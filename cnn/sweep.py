@@ -384,13 +384,15 @@ def _wandb_group(group: str, wandb_mode: str) -> Iterator[None]:
     yield
     return
   import wandb
-  session = wandb.setup().settings
+  session = wandb.setup().settings  # what every wandb.init of this process starts from
   old = {'run_group': session.run_group, 'run_job_type': session.run_job_type}
-  wandb.setup(settings=wandb.Settings(run_group=group, run_job_type='sweep'))
+  # Assigned, not passed to wandb.setup(settings=...): that skips None, so could not restore.
+  session.run_group, session.run_job_type = group, 'sweep'
   try:
     yield
   finally:
-    wandb.setup(settings=wandb.Settings(**old))
+    for key, value in old.items():
+      setattr(session, key, value)
 
 
 def _key(params: Mapping[str, Any]) -> str:
