@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cnn import errors
+from cnn import atomic
 from cnn import models
 
 
@@ -85,11 +86,7 @@ def load_best_model(config: ml_collections.ConfigDict,
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
   """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=2, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
+  atomic.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=str) + '\n'))
 
 
 def read_json(path: str | os.PathLike) -> Any:

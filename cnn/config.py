@@ -1,7 +1,8 @@
 """Checks a config before any data is read or model built, with errors that say how to fix them."""
 
+import json
 import os
-from typing import Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import ml_collections
 
@@ -17,15 +18,123 @@ CONV_IMPLS = ('auto', 'xla', 'cpu_eigen')
 LR_SCHEDULES = ('constant', 'cosine')
 BN_STATS = ('precise', 'running')
 
+
+class Role(NamedTuple):
+  """What a config field is for, as the code that reads config fields sees it."""
+  run_defining: bool  # changes what a run computes: a workdir or sweep refuses another value
+  in_report: bool  # describes the model or its training: shown in a sweep's best_config.py
+  sweepable: bool  # may differ between the runs of one sweep
+
+
+RUN = Role(run_defining=True, in_report=True, sweepable=True)
+# How long or how a run goes, or what evaluation shows, not what it computes: resumable.
+SETTING = Role(run_defining=False, in_report=True, sweepable=True)
+# Where data and files live on this machine.
+MACHINE = Role(run_defining=False, in_report=False, sweepable=True)
+# Machine or logging fields that every run of a sweep shares (one cache, one W&B project).
+SHARED = Role(run_defining=False, in_report=False, sweepable=False)
+
+# The role of every field of configs/default.py: a new field there needs its line here.
+FIELD_ROLES: dict[str, Role] = {
+    # Data.
+    'data_dir': MACHINE,
+    'download': MACHINE,
+    'dataset_url': MACHINE,
+    'cache_dir': SHARED,
+    'holdout_fraction': RUN,
+    'image_size': RUN,
+    'data_aug': RUN,
+    # Model.
+    'conv_layers': RUN,
+    'first_layer_filters': RUN,
+    'filter_org': RUN,
+    'kernel_size': RUN,
+    'padding': RUN,
+    'activation': RUN,
+    'dense_size': RUN,
+    'batch_norm': RUN,
+    'dropout': RUN,
+    'dtype': RUN,
+    'conv_impl': SETTING,  # the same parameters and results either way
+    # Optimisation.
+    'optimizer': RUN,
+    'learning_rate': RUN,
+    'momentum': RUN,
+    'weight_decay': RUN,
+    'batch_size': RUN,
+    'eval_batch_size': SETTING,
+    'num_epochs': SETTING,  # a finished run may be trained on for more epochs
+    'early_stopping_patience': SETTING,
+    'early_stopping_min_epochs': SETTING,
+    'early_stopping_smoothing': SETTING,
+    'seed': RUN,
+    'lr_schedule': RUN,
+    'warmup_epochs': RUN,
+    'label_smoothing': RUN,
+    # Augmentation strength.
+    'aug_flip': RUN,
+    'aug_rotation': RUN,
+    'aug_shift': RUN,
+    'aug_zoom': RUN,
+    'aug_crop_min_scale': RUN,
+    'aug_brightness': RUN,
+    # Batch norm and validation.
+    'bn_momentum': RUN,
+    'bn_stats': RUN,  # chooses the checkpoint: part of the run
+    'precise_bn_images': RUN,
+    'tta_flip': RUN,
+    'bn_gap_images': SETTING,  # a diagnostic only
+    # Logging and checkpoints.
+    'wandb_mode': SHARED,
+    'wandb_project': SHARED,
+    'wandb_entity': SHARED,
+    'run_name': SHARED,
+    'checkpoint_every_steps': MACHINE,
+    'new_run': SHARED,
+    'compilation_cache_dir': SHARED,
+    # Evaluation and guided backprop.
+    'eval_image_seed': SETTING,
+    'guided_bp_image': SETTING,
+    'guided_bp_layer': SETTING,
+    'guided_bp_channels': SETTING,
+    'guided_bp_num_neurons': SETTING,
+    'guided_bp_method': SETTING,
+}
+
+
+def _fields(test: Callable[[Role], bool]) -> frozenset[str]:
+  return frozenset(name for name, role in FIELD_ROLES.items() if test(role))
+
+
 # Fields that do not change what a run computes: a workdir may be resumed with other values.
-NON_RUN_FIELDS = frozenset({
-    'data_dir', 'download', 'dataset_url', 'cache_dir', 'wandb_mode', 'wandb_project',
-    'wandb_entity', 'run_name', 'checkpoint_every_steps', 'new_run', 'num_epochs',
-    'early_stopping_patience', 'eval_batch_size', 'eval_image_seed', 'conv_impl',
-    'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
-    'guided_bp_method', 'early_stopping_min_epochs', 'early_stopping_smoothing', 'bn_gap_images',
-    'compilation_cache_dir',
-})
+NON_RUN_FIELDS = _fields(lambda r: not r.run_defining)
+# Fields of a machine or a logging setup, not a model: left out of a sweep's best_config.py.
+NON_REPORT_FIELDS = _fields(lambda r: not r.in_report)
+# Every run of a sweep shares these; sweeping them makes no sense.
+UNSWEEPABLE_FIELDS = _fields(lambda r: not r.sweepable)
+
+
+def run_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """The run-defining fields of a config (or of its config.json) as plain JSON values.
+
+  A field unknown to FIELD_ROLES (say, from an older config.json) counts as run-defining.
+  """
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  d = json.loads(json.dumps(d, default=str))  # tuples become lists, as in config.json
+  fields = {k: v for k, v in d.items() if k not in NON_RUN_FIELDS}
+  if d.get('lr_schedule', 'constant') != 'constant':
+    fields['num_epochs'] = d['num_epochs']  # the length of the schedule: part of the run
+  return fields
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  """`field: old -> new, ...` over the fields whose values differ; '' when none do.
+
+  A field that `old` lacks was added to the code after the old run was made: it takes its
+  default there, so it is no difference (workdirs of earlier versions keep working).
+  """
+  return ', '.join(f'{k}: {old[k]!r} -> {new.get(k)!r}' for k in sorted(old)
+                   if old[k] != new.get(k))
 
 
 class ConfigError(errors.UserError, ValueError):

@@ -7,9 +7,12 @@ depends on a display or on pyplot's global state.
 import math
 import os
 import textwrap
+from typing import Any
 
 from matplotlib import figure as mpl_figure
 import numpy as np
+
+from cnn import atomic
 
 CORRECT, WRONG = '#1a9641', '#d7191c'  # green / red, told apart also by ✓ / ✗
 TRUE_CLASS = '#2b83ba'
@@ -61,10 +64,21 @@ def _title(fig: mpl_figure.Figure, text: str, width_in: float, fontsize: float =
   return wrapped.count('\n') + 1
 
 
-def _save(fig: mpl_figure.Figure, path: str | os.PathLike) -> str:
+def save(fig: mpl_figure.Figure, path: str | os.PathLike, **savefig_kwargs: Any) -> str:
+  """Writes `fig` to `path` (atomically: a reader never sees half a PNG); returns the path.
+
+  `savefig_kwargs` go to `Figure.savefig` (default dpi=DPI, white background). A pyplot
+  figure is closed afterwards: pyplot keeps every open figure alive otherwise.
+  """
+  path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI, facecolor='white')
-  return str(path)
+  kwargs = {'dpi': DPI, 'facecolor': 'white', **savefig_kwargs}
+  fmt = kwargs.pop('format', None) or os.path.splitext(path)[1][1:] or 'png'
+  atomic.atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs), binary=True)
+  if getattr(fig.canvas, 'manager', None) is not None:
+    from matplotlib import pyplot as plt  # only pyplot figures have a manager
+    plt.close(fig)
+  return path
 
 
 def display_name(name: str, width: int = 0) -> str:
@@ -136,7 +150,7 @@ def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndar
            fontweight='bold')
   fig.text(0.5, 1 - (0.22 + 0.3 * (heading.count('\n') + 1)) / height, legend, ha='center',
            va='top', fontsize=10.5)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
@@ -170,7 +184,7 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
   text = title or (f'Confusion matrix on the test set: accuracy {accuracy:.1%} of '
                    f'{int(confusion.sum())} images')
   _title(fig, text, size + 1.2)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def filters_for_display(kernel: np.ndarray) -> np.ndarray:
@@ -204,7 +218,7 @@ def plot_first_layer_filters(kernel: np.ndarray, path: str | os.PathLike, title:
       ax.imshow(tiles[j], interpolation='nearest')
       ax.set_title(str(j), fontsize=9, pad=2)
   _title(fig, text, width)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_first_layer_activations(image: np.ndarray, feature_maps: np.ndarray,
@@ -237,4 +251,4 @@ def plot_first_layer_activations(image: np.ndarray, feature_maps: np.ndarray,
                 color=WRONG if hi == lo == 0 else 'black')
   _title(fig, title or f'First-layer feature maps: all {num} filters ({maps.shape[0]}×'
          f'{maps.shape[1]} each, own colour scale)', width)
-  return _save(fig, path)
+  return save(fig, path)

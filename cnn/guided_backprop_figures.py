@@ -1,6 +1,5 @@
 """Figures of guided backprop: per-neuron maps, the three rules side by side, guided Grad-CAM."""
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +9,10 @@ import matplotlib.patches as mpatches  # pylint: disable=g-import-not-at-top
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from cnn import figures
+
+# Trimmed to the drawing, on the figure's own background.
+_SAVEFIG = {'dpi': 100, 'facecolor': 'auto', 'bbox_inches': 'tight'}
 _METHOD_TITLES = {'guided': 'guided backprop', 'vanilla': 'vanilla gradient',
                   'deconvnet': 'deconvnet'}
 
@@ -51,13 +54,6 @@ def _off(ax):
   ax.set_yticks([])
 
 
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(fig)
-  return path
-
-
 def neuron_figure(image: np.ndarray, maps: np.ndarray, neurons, boxes: np.ndarray, *,
                   layer: str, method: str, path: str, title: str = '') -> str:
   """The input on top, then one row per neuron: its map, the map over its field, the input there.
@@ -93,7 +89,7 @@ def neuron_figure(image: np.ndarray, maps: np.ndarray, neurons, boxes: np.ndarra
       axes[2].set_title('input: receptive field', fontsize=9)
     for a in axes:
       _off(a)
-  return _save(fig, path)
+  return figures.save(fig, path, **_SAVEFIG)
 
 
 def comparison_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], neurons,
@@ -121,7 +117,7 @@ def comparison_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], neurons
     axes[0, col].set_title(_METHOD_TITLES.get(method, method), fontsize=9)
   fig.suptitle(f'{layer} neurons over their receptive fields: three backward rules', fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return figures.save(fig, path, **_SAVEFIG)
 
 
 def grad_cam_figure(image: np.ndarray, result, *, class_name: str, path: str) -> str:
@@ -141,4 +137,4 @@ def grad_cam_figure(image: np.ndarray, result, *, class_name: str, path: str) ->
   for a in axes:
     _off(a)
   fig.tight_layout()
-  return _save(fig, path)
+  return figures.save(fig, path, **_SAVEFIG)

@@ -2,13 +2,8 @@
 
 Under `wandb agent`, W&B's sweep controller picks each run's values and main.py applies them
 (`agent_config`). Offline, `run_sweep` draws runs from the same YAML with the `sweeps`
-package that W&B's controller runs (random, grid, bayes, hyperband), one run after another:
-
-    WORKDIR/sweep.json             the effective sweep spec and base config (reruns must match)
-    WORKDIR/sweep_results.jsonl    one line per ended run: params, config, val_acc, state, ...
-    WORKDIR/runs/<run name>/       the run's workdir (config.json, metrics.jsonl, checkpoints)
-                                   plus sweep_run.json, written when the run is drawn
-    WORKDIR/report/                plots and summary.md (cnn.sweep_report)
+package that W&B's controller runs (random, grid, bayes, hyperband), one run after another,
+in a workdir laid out as cnn.sweep_files describes.
 
 Several `run_sweep` processes may share one WORKDIR (file locks): together they draw
 `sweep_count` runs. A run interrupted mid-training is resumed by the next invocation.
@@ -33,26 +28,15 @@ import numpy as np
 import yaml
 
 from cnn import config as config_lib
+from cnn import sweep_files
 
-RESULTS_FILE = 'sweep_results.jsonl'
-SPEC_FILE = 'sweep.json'
-RUNS_DIR = 'runs'
-RUN_FILE = 'sweep_run.json'  # in each run's folder: the drawn values, written at draw time
-_RUN_LOCK = '.sweep_run.lock'  # held while the run trains: a free lock means it was interrupted
-_SWEEP_LOCK = '.sweep.lock'
-
-# Every run of a sweep must share these; sweeping them makes no sense.
-_UNSWEEPABLE = frozenset({'cache_dir', 'run_name', 'new_run', 'wandb_mode', 'wandb_project',
-                          'wandb_entity'})
 # Redraws when random or bayes proposes values already run: a rerun of identical values with
 # the same seed would only repeat a result.
 _MAX_DRAWS = 50
 
 TrainFn = Callable[..., dict]
 
-
-class SweepError(config_lib.ConfigError):
-  """A sweep spec or sweep values that cannot work; the message says what to change."""
+SweepError = sweep_files.SweepError
 
 
 # ---------------------------------------------------------------------------- names and values
@@ -244,7 +228,7 @@ def check_parameters(spec: Mapping[str, Any], config: ml_collections.ConfigDict)
   params = spec['parameters']
   if 'early_terminate' in spec and 'metric' not in spec:
     raise SweepError('early_terminate needs a metric section (e.g. name: val_acc, goal: maximize)')
-  bad = sorted(set(params) & _UNSWEEPABLE)
+  bad = sorted(set(params) & config_lib.UNSWEEPABLE_FIELDS)
   if bad:
     raise SweepError(f'{", ".join(bad)} cannot be swept: every run of a sweep shares them '
                      f'(one decoded-image cache, one W&B project); set them with --config.FIELD')
@@ -326,55 +310,6 @@ def check_space(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
 # ---------------------------------------------------------------------------- reading a sweep
 
 
-def read_results(workdir: str) -> list[dict]:
-  """The ended runs of WORKDIR/sweep_results.jsonl, one per run (the last line wins)."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return []
-  by_run = {}
-  with open(path) as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        logging.warning('%s line %d is not JSON (a write cut short?); ignored', path, i + 1)
-        continue
-      by_run.pop(record['run'], None)
-      by_run[record['run']] = record
-  return sorted(by_run.values(), key=lambda r: r.get('index', 0))
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-  """The epochs of a run's metrics.jsonl, one per epoch (the last line wins), in order."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  by_epoch = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line being written right now
-      by_epoch[row.get('epoch', len(by_epoch) + 1)] = row
-  return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _claims(workdir: str) -> list[dict]:
-  root = os.path.join(workdir, RUNS_DIR)
-  if not os.path.isdir(root):
-    return []
-  claims = []
-  for name in os.listdir(root):
-    path = os.path.join(root, name, RUN_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        claims.append(json.load(f))
-  return sorted(claims, key=lambda c: c['index'])
-
-
 def _history(rows: list[dict]) -> list[dict]:
   return [{k: v for k, v in row.items() if isinstance(v, (int, float))} for row in rows]
 
@@ -387,9 +322,9 @@ def engine_runs(workdir: str, exclude: str = '') -> list:
   exits cleanly after the stop the same way); runs drawn but not ended count as running.
   """
   import sweeps
-  ended = {r['run']: r for r in read_results(workdir)}
+  ended = {r['run']: r for r in sweep_files.read_results(workdir)}
   runs = []
-  for claim in _claims(workdir):
+  for claim in sweep_files.read_claims(workdir):
     name = claim['run']
     if name == exclude:
       continue
@@ -397,7 +332,7 @@ def engine_runs(workdir: str, exclude: str = '') -> list:
     state = {None: sweeps.RunState.running, 'finished': sweeps.RunState.finished,
              'stopped': sweeps.RunState.finished,
              'failed': sweeps.RunState.failed}[record and record['state']]
-    history = _history(read_metrics(os.path.join(workdir, RUNS_DIR, name)))
+    history = _history(sweep_files.read_metrics(sweep_files.run_dir(workdir, name)))
     runs.append(sweeps.SweepRun(
         name=name, state=state,
         config={k: {'value': v} for k, v in claim['params'].items()},
@@ -438,17 +373,26 @@ def _seeded(*entropy: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-  old = {k: os.environ.get(k) for k in values}
-  os.environ.update(values)
+def _wandb_group(group: str, wandb_mode: str) -> Iterator[None]:
+  """The W&B runs started meanwhile go to `group`, with job type 'sweep'.
+
+  Set on wandb's session, not through $WANDB_RUN_GROUP: wandb reads its environment once, when
+  the session starts, so a variable set after any earlier run of this process was ignored,
+  and one read by the sweep's first run stayed on every later run of the process.
+  """
+  if wandb_mode == 'disabled':
+    yield
+    return
+  import wandb
+  session = wandb.setup().settings  # what every wandb.init of this process starts from
+  old = {'run_group': session.run_group, 'run_job_type': session.run_job_type}
+  # Assigned, not passed to wandb.setup(settings=...): that skips None, so could not restore.
+  session.run_group, session.run_job_type = group, 'sweep'
   try:
     yield
   finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    for key, value in old.items():
+      setattr(session, key, value)
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -481,13 +425,13 @@ def _hyperband_callback(spec: Mapping[str, Any], workdir: str, name: str, stop_i
   """
   import sweeps
   metric = spec['metric']['name']
-  run_dir = os.path.join(workdir, RUNS_DIR, name)
+  run_dir = sweep_files.run_dir(workdir, name)
 
   def callback(epoch: int, metrics: dict) -> bool:
     if metric not in metrics:
       raise SweepError(f'the sweep metric {metric!r} is not among the logged metrics '
                        f'{sorted(metrics)}; set metric.name in the sweep config to one of them')
-    rows = [r for r in read_metrics(run_dir) if r.get('epoch', 0) < epoch]
+    rows = [r for r in sweep_files.read_metrics(run_dir) if r.get('epoch', 0) < epoch]
     me = sweeps.SweepRun(name=name, state=sweeps.RunState.running,
                          sampledHistory=_history(rows + [{'epoch': epoch, **metrics}]))
     to_stop = sweeps.stop_runs(dict(spec), engine_runs(workdir, exclude=name) + [me])
@@ -516,11 +460,12 @@ def _now() -> str:
 def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: str,
              claim: dict, train_fn: TrainFn) -> dict:
   """Trains one drawn run and returns its result record; errors become a failed record."""
-  name, run_dir = claim['run'], os.path.join(workdir, RUNS_DIR, claim['run'])
+  name, run_dir = claim['run'], sweep_files.run_dir(workdir, claim['run'])
   record = {'run': name, 'index': claim['index'], 'params': claim['params'],
-            'workdir': os.path.join(RUNS_DIR, name), 'created': claim['created'], 'config': None,
-            'state': 'failed', 'error': None, 'best_val_acc': None, 'final_val_acc': None,
-            'best_epoch': None, 'epochs': 0, 'num_params': None, 'hyperband': None}
+            'workdir': os.path.relpath(run_dir, workdir), 'created': claim['created'],
+            'config': None, 'state': 'failed', 'error': None, 'best_val_acc': None,
+            'final_val_acc': None, 'best_epoch': None, 'epochs': 0, 'num_params': None,
+            'hyperband': None}
   t0 = time.time()
   stop_info: dict = {}
   try:
@@ -545,7 +490,7 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     print(f'sweep: run {name} failed: {record["error"]}', flush=True)
     _finish_wandb_run()
   record.setdefault('wall_time_s', time.time() - t0)
-  rows = read_metrics(run_dir)
+  rows = sweep_files.read_metrics(run_dir)
   accs = [r['val_acc'] for r in rows if isinstance(r.get('val_acc'), (int, float))]
   if accs:
     best = int(np.argmax(accs))
@@ -568,28 +513,25 @@ def _finish_wandb_run() -> None:
 
 def _check_spec_file(workdir: str, spec: dict, base: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/sweep.json, or refuses a rerun whose spec or base config differ."""
-  from cnn import checkpoints
+  from cnn import checkpoints  # jax and orbax: not for the `wandb agent` path's agent_config
   base_d = json.loads(json.dumps(base.to_dict(), default=str))
-  run_base = {k: v for k, v in base_d.items() if k not in config_lib.NON_RUN_FIELDS}
-  path = os.path.join(workdir, SPEC_FILE)
-  if os.path.exists(path):
-    old = checkpoints.read_json(path)
-    diffs = []
-    if old['spec'] != spec:
-      diffs.append(f'sweep spec {old["spec"]} -> {spec}')
-    old_base = {k: v for k, v in old['base_config'].items() if k not in config_lib.NON_RUN_FIELDS}
-    diffs += [f'{k}: {old_base.get(k)!r} -> {run_base.get(k)!r}'
-              for k in sorted(set(old_base) | set(run_base)) if old_base.get(k) != run_base.get(k)]
-    if diffs:
-      raise SweepError(f'{workdir} holds a sweep started with other settings ({"; ".join(diffs)}).'
-                       f' Continue it with the same command, or use another --workdir')
+  old = sweep_files.read_spec(workdir)
+  if old is None:
+    checkpoints.write_json(sweep_files.spec_path(workdir),
+                           {'spec': spec, 'base_config': base_d, 'created': _now()})
     return
-  checkpoints.write_json(path, {'spec': spec, 'base_config': base_d, 'created': _now()})
+  diffs = [f'sweep spec {old["spec"]} -> {spec}'] if old['spec'] != spec else []
+  base_diff = config_lib.config_diff(config_lib.run_fields(old['base_config']),
+                                     config_lib.run_fields(base_d))
+  diffs += [base_diff] if base_diff else []
+  if diffs:
+    raise SweepError(f'{workdir} holds a sweep started with other settings ({"; ".join(diffs)}).'
+                     f' Continue it with the same command, or use another --workdir')
 
 
 def _unique_name(workdir: str, name: str) -> str:
   candidate, n = name, 1
-  while os.path.exists(os.path.join(workdir, RUNS_DIR, candidate)):
+  while os.path.exists(sweep_files.run_dir(workdir, candidate)):
     n += 1
     candidate = f'{name}_{n}'
   return candidate
@@ -602,13 +544,13 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
   The chosen run's lock is entered on `stack` so other workers see it as running.
   """
   from cnn import checkpoints
-  with _locked(os.path.join(workdir, _SWEEP_LOCK)):
-    ended = {r['run'] for r in read_results(workdir)}
-    claims = _claims(workdir)
+  with _locked(sweep_files.sweep_lock_path(workdir)):
+    ended = {r['run'] for r in sweep_files.read_results(workdir)}
+    claims = sweep_files.read_claims(workdir)
     for claim in claims:
       if claim['run'] in ended:
         continue
-      lock = os.path.join(workdir, RUNS_DIR, claim['run'], _RUN_LOCK)
+      lock = sweep_files.run_lock_path(workdir, claim['run'])
       if stack.enter_context(_locked(lock, blocking=False)):
         print(f'sweep: resuming interrupted run {claim["run"]}')
         return claim
@@ -623,16 +565,16 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
              if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
     name = _unique_name(workdir, config_lib.hyperparameter_name(apply_sweep_params(base, params), extra))
     claim = {'run': name, 'index': index, 'params': params, 'created': _now()}
-    run_dir = os.path.join(workdir, RUNS_DIR, name)
-    os.makedirs(run_dir)
-    stack.enter_context(_locked(os.path.join(run_dir, _RUN_LOCK)))
-    checkpoints.write_json(os.path.join(run_dir, RUN_FILE), claim)
+    os.makedirs(sweep_files.run_dir(workdir, name))
+    stack.enter_context(_locked(sweep_files.run_lock_path(workdir, name)))
+    checkpoints.write_json(sweep_files.run_file_path(workdir, name), claim)
     return claim
 
 
 def _append_result(workdir: str, record: dict) -> None:
-  with _locked(os.path.join(workdir, _SWEEP_LOCK)):
-    with open(os.path.join(workdir, RESULTS_FILE), 'a') as f:
+  # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
+  with _locked(sweep_files.sweep_lock_path(workdir)):
+    with open(sweep_files.results_path(workdir), 'a') as f:
       f.write(json.dumps(_to_python(record), default=str) + '\n')
 
 
@@ -663,8 +605,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
     base.cache_dir = os.path.abspath(base.cache_dir)
   if base.wandb_mode == '':
     base.wandb_mode = 'offline'  # no W&B server assumed: `wandb sync` uploads the runs later
-  os.makedirs(os.path.join(workdir, RUNS_DIR), exist_ok=True)
-  with _locked(os.path.join(workdir, _SWEEP_LOCK)):
+  os.makedirs(os.path.join(workdir, sweep_files.RUNS_DIR), exist_ok=True)
+  with _locked(sweep_files.sweep_lock_path(workdir)):
     _check_spec_file(workdir, spec, base)
 
   total, rejected, first = check_space(spec, base)
@@ -672,7 +614,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
     print(f'sweep: warning: {rejected} of {total} value combinations are rejected by the config '
           f'check and will be recorded as failed, e.g. {first}')
   group = spec.get('name') or os.path.basename(os.path.abspath(workdir))
-  with _environ(WANDB_RUN_GROUP=group, WANDB_JOB_TYPE='sweep'):
+  with _wandb_group(group, base.wandb_mode):
     while True:
       with contextlib.ExitStack() as stack:
         claim = _next_claim(workdir, spec, base, sweep_count, stack)
@@ -685,11 +627,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
             + (f', best val_acc {acc:.4f} at epoch {record["best_epoch"]}' if acc is not None
                else ''), flush=True)
 
-  results = read_results(workdir)
+  results = sweep_files.read_results(workdir)
   done = sum(r['state'] != 'failed' for r in results)
   print(f'sweep: {len(results)} runs in {workdir} ({done} trained, {len(results) - done} failed)')
   if report:
-    from cnn import sweep_report
+    from cnn import sweep_report  # matplotlib and sklearn only when a report is wanted
     sweep_report.write_report(workdir)
   return sorted(results, key=lambda r: -(r['best_val_acc'] if r['best_val_acc'] is not None
                                          else -1.0))

@@ -23,21 +23,20 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from cnn import sweep
+from cnn import atomic
+from cnn import config as config_lib
+from cnn import figures
+from cnn import sweep_files
 
-REPORT_DIR = 'report'
 TOP_RUNS = 10
-# Fields that describe a machine or a logging setup, not a model: left out of best_config.py.
-_MACHINE_FIELDS = frozenset({'data_dir', 'download', 'dataset_url', 'cache_dir', 'wandb_mode',
-                             'wandb_project', 'wandb_entity', 'run_name', 'new_run',
-                             'checkpoint_every_steps'})
+# Trimmed to the drawing, on the figure's own background.
+_SAVEFIG = {'dpi': 120, 'facecolor': 'auto', 'bbox_inches': 'tight'}
 
 
 def _load_spec(workdir: str, records: Sequence[dict]) -> dict:
-  path = os.path.join(workdir, sweep.SPEC_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)['spec']
+  saved = sweep_files.read_spec(workdir)
+  if saved is not None:
+    return saved['spec']
   # Without sweep.json every parameter seen is shown as categorical.
   names = {k: None for r in records for k in r['params']}
   return {'parameters': {k: {'values': sorted({json.dumps(r['params'].get(k)) for r in records})}
@@ -112,12 +111,6 @@ def parameter_importance(records: Sequence[dict], params: Sequence[dict],
 # ---------------------------------------------------------------------------- plots
 
 
-def _save(fig: Figure, path: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}.png'
-  fig.savefig(tmp, dpi=120, bbox_inches='tight')
-  os.replace(tmp, path)  # a reader never sees half a PNG
-
-
 def _empty(fig: Figure, message: str) -> None:
   ax = fig.add_subplot()
   ax.text(0.5, 0.5, message, ha='center', va='center')
@@ -129,7 +122,7 @@ def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
   fig = Figure(figsize=(8, 4.5))
   if not runs:
     _empty(fig, 'no run has a val_acc yet')
-    _save(fig, path)
+    figures.save(fig, path, **_SAVEFIG)
     return
   t = [mdates.date2num(datetime.datetime.fromisoformat(r['created'])) for r in runs]
   acc = np.asarray([r['best_val_acc'] for r in runs])
@@ -145,7 +138,7 @@ def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
   failed = len(records) - len(runs)
   ax.set_title(f'val_acc v. created ({len(runs)} runs' + (f', {failed} failed)' if failed else ')'))
   ax.legend(loc='lower right')
-  _save(fig, path)
+  figures.save(fig, path, **_SAVEFIG)
 
 
 def _axis_positions(p: dict, values: Sequence[Any]) -> tuple[np.ndarray, list, list]:
@@ -174,7 +167,7 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
   fig = Figure(figsize=(1.6 * (len(params) + 1) + 2, 5))
   if not runs or not params:
     _empty(fig, 'no run has a val_acc yet' if not runs else 'the sweep varies no parameter')
-    _save(fig, path)
+    figures.save(fig, path, **_SAVEFIG)
     return
   acc = np.asarray([r['best_val_acc'] for r in runs])
   lo, hi = float(acc.min()), float(acc.max())
@@ -208,14 +201,14 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
     ax.spines[side].set_visible(False)
   fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='val_acc')
   ax.set_title(f'parallel coordinates, {len(runs)} runs')
-  _save(fig, path)
+  figures.save(fig, path, **_SAVEFIG)
 
 
 def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
   fig = Figure(figsize=(10, 0.45 * max(len(rows), 2) + 1.5))
   if not rows:
     _empty(fig, 'no parameter varies across runs with a val_acc')
-    _save(fig, path)
+    figures.save(fig, path, **_SAVEFIG)
     return
   names = [r['feature'] for r in rows][::-1]
   ax_imp, ax_cor = fig.subplots(1, 2, sharey=True)
@@ -231,16 +224,16 @@ def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
   ax_cor.set_xlim(-1, 1)
   ax_cor.set_xlabel('correlation with val_acc')
   fig.suptitle('parameter importance with respect to val_acc')
-  _save(fig, path)
+  figures.save(fig, path, **_SAVEFIG)
 
 
 def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> None:
   fig = Figure(figsize=(8, 4.5))
-  curves = [(r, sweep.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
+  curves = [(r, sweep_files.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
   curves = [(r, rows) for r, rows in curves if rows]
   if not curves:
     _empty(fig, 'no run has logged an epoch yet')
-    _save(fig, path)
+    figures.save(fig, path, **_SAVEFIG)
     return
   ax = fig.add_subplot()
   for r, rows in curves:
@@ -252,7 +245,7 @@ def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> Non
   ax.set_title('val_acc per epoch (dashed: stopped by hyperband)')
   if len(curves) <= 10:
     ax.legend(fontsize=6)
-  _save(fig, path)
+  figures.save(fig, path, **_SAVEFIG)
 
 
 # ---------------------------------------------------------------------------- summary.md
@@ -267,7 +260,7 @@ def best_config_block(record: dict, sweep_name: str = '') -> str:
     defaults = {}
   lines = []
   for key, value in record['config'].items():
-    if key in _MACHINE_FIELDS:
+    if key in config_lib.NON_REPORT_FIELDS:
       continue
     if key in defaults:
       old = defaults[key]
@@ -324,8 +317,9 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
     out.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
   if ranked:
     out += ['', '## Best config', '',
-            f'Save as `configs/best_sweep.py` (also written to `{REPORT_DIR}/best_config.py`) and '
-            f'train with `python main.py --config=configs/best_sweep.py --workdir=WORKDIR`:', '',
+            f'Save as `configs/best_sweep.py` (also written to '
+            f'`{sweep_files.REPORT_DIR}/best_config.py`) and train with '
+            f'`python main.py --config=configs/best_sweep.py --workdir=WORKDIR`:', '',
             '```python', best_config_block(ranked[0], name).rstrip(), '```']
   if importance:
     out += ['', '## Parameter importance (val_acc)', '',
@@ -344,10 +338,10 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
 
 def write_report(workdir: str) -> dict[str, str]:
   """Writes WORKDIR/report/ from sweep_results.jsonl and the runs' metrics; returns the paths."""
-  records = sweep.read_results(workdir)
+  records = sweep_files.read_results(workdir)
   spec = _load_spec(workdir, records)
   params = searched_parameters(spec)
-  out_dir = os.path.join(workdir, REPORT_DIR)
+  out_dir = sweep_files.report_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, f'{name}.png') for name in (
       'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
@@ -371,10 +365,7 @@ def write_report(workdir: str) -> dict[str, str]:
 
 
 def _write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic.atomic_write(path, lambda f: f.write(text))
 
 
 def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
@@ -382,9 +373,11 @@ def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
   """--mode=sweep_report: the report of the sweep in `workdir` (the config is not needed)."""
   del config
   if argv_rest:
-    raise sweep.SweepError(f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
-  if not os.path.exists(os.path.join(workdir, sweep.RESULTS_FILE)):
-    raise sweep.SweepError(f'no {sweep.RESULTS_FILE} in {workdir}: run a sweep there first '
-                           f'(--mode=sweep --sweep_config=configs/sweep.yaml)')
+    raise sweep_files.SweepError(
+        f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
+  if not os.path.exists(sweep_files.results_path(workdir)):
+    raise sweep_files.SweepError(
+        f'no {sweep_files.RESULTS_FILE} in {workdir}: run a sweep there first '
+        f'(--mode=sweep --sweep_config=configs/sweep.yaml)')
   write_report(workdir)
   return 0

@@ -539,30 +539,15 @@ def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
 # ---------------------------------------------------------------------------- the run
 
 
-def run_defining_config(config: ml_collections.ConfigDict) -> dict:
-  """The fields that define what a run computes, as JSON values (config.json's comparison)."""
-  d = json.loads(json.dumps(config.to_dict(), default=str))
-  fields = {k: v for k, v in d.items() if k not in config_lib.NON_RUN_FIELDS}
-  if d.get('lr_schedule', 'constant') != 'constant':
-    fields['num_epochs'] = d['num_epochs']  # the schedule's length: part of the run
-  return fields
-
-
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir whose run has another config, unless new_run moves that run aside.
-
-  A field the saved config lacks was added after that run started: it takes its default.
-  """
+  """Refuses a workdir whose run has another config, unless new_run moves that run aside."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  old = run_defining_config(ml_collections.ConfigDict(checkpoints.read_json(path)))
-  new = {k: v for k, v in run_defining_config(config).items() if k in old}
-  diffs = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-           if old.get(k) != new.get(k)}
-  if not diffs:
+  listed = config_lib.config_diff(config_lib.run_fields(checkpoints.read_json(path)),
+                                  config_lib.run_fields(config))
+  if not listed:
     return
-  listed = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diffs.items())
   if not config.new_run:
     raise errors.WorkdirError(
         f'{workdir} holds a run with a different config ({listed}). Use another --workdir, or '

@@ -84,23 +84,31 @@ def fullres_dir() -> pathlib.Path:
 
 
 def wandb_records(path) -> list:
-  """The protobuf records of an offline run's .wandb file.
+  """The protobuf records of an offline run's .wandb file, as far as it is written yet.
 
-  A LevelDB-style log after a 7-byte header: 32 KiB blocks of [crc32, length, type] chunks,
-  type 1 a whole record, 2-4 its first/middle/last part.
+  The installed wandb (0.31) has no Python reader of these files (wandb-core, in Go, writes and
+  syncs them), so this follows wandb's format: a LevelDB-style log after a 7-byte header
+  (`:W&B`, magic 0xBEE1, version 0) in 32 KiB blocks of [crc32, length, type] chunks, type 1 a
+  whole record, 2-4 its first/middle/last part; the crc is zlib.crc32 of the chunk seeded with
+  the crc of its type byte. wandb's service may be writing the file meanwhile: reading stops
+  before the first chunk that is not complete (short, or its crc does not match yet).
   """
+  import zlib
   from wandb.proto import wandb_internal_pb2
   data = pathlib.Path(path).read_bytes()
-  assert data[:4] == b':W&B'
+  if len(data) < 7:
+    return []  # the header is not written yet
+  assert data[:7] == b':W&B\xe1\xbe\x00', f'{path} is not a W&B transaction log'
   pos, block, records, pending = 7, 32 * 1024, [], b''
   while pos + 7 <= len(data):
     if block - pos % block < 7:  # a block's tail too short for a header is padding
       pos += block - pos % block
       continue
-    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
-    if kind == 0:
-      break
-    pending += data[pos + 7:pos + 7 + length]
+    crc, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    chunk = data[pos + 7:pos + 7 + length]
+    if kind == 0 or len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+      break  # zero padding, or a chunk still being written
+    pending += chunk
     pos += 7 + length
     if kind in (1, 4):  # FULL or LAST piece of a record
       record = wandb_internal_pb2.Record()

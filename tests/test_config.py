@@ -148,3 +148,35 @@ def test_bad_value_on_the_command_line_reaches_validate(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       "error: unknown optimizer 'adagrad'; known: adam, adamw, nadam, sgd, rmsprop")
   assert not (tmp_path / 'w').exists()
+
+
+def test_every_default_field_has_a_role_and_every_role_a_field():
+  fields = set(default.get_config().keys())
+  assert fields - set(config_lib.FIELD_ROLES) == set(), 'add these to config.FIELD_ROLES'
+  assert set(config_lib.FIELD_ROLES) - fields == set(), 'not fields of configs/default.py'
+
+
+def test_field_roles_nest_shared_in_machine_in_non_run():
+  assert config_lib.UNSWEEPABLE_FIELDS <= config_lib.NON_REPORT_FIELDS <= config_lib.NON_RUN_FIELDS
+  assert {'cache_dir', 'wandb_project'} <= config_lib.UNSWEEPABLE_FIELDS
+  assert 'data_dir' in config_lib.NON_REPORT_FIELDS - config_lib.UNSWEEPABLE_FIELDS
+  assert 'num_epochs' in config_lib.NON_RUN_FIELDS - config_lib.NON_REPORT_FIELDS
+  assert 'learning_rate' not in config_lib.NON_RUN_FIELDS
+
+
+def test_run_fields_are_json_values_of_the_run_defining_fields():
+  c = _config(guided_bp_channels=(1, 2), num_epochs=3)
+  fields = config_lib.run_fields(c)
+  assert set(fields) == set(c.keys()) - config_lib.NON_RUN_FIELDS
+  assert fields == config_lib.run_fields(c.to_dict())
+  # As read back from config.json: tuples are lists there; non-run fields are dropped.
+  assert config_lib.run_fields({'seed': 1, 'num_epochs': 9, 'old_field': (1,)}) == {
+      'seed': 1, 'old_field': [1]}
+
+
+def test_config_diff_lists_changed_fields_in_order():
+  old = config_lib.run_fields(_config())
+  assert config_lib.config_diff(old, old) == ''
+  new = config_lib.run_fields(_config(seed=3, kernel_size=5))
+  assert config_lib.config_diff(old, new) == 'kernel_size: 3 -> 5, seed: 0 -> 3'
+  assert config_lib.config_diff({'a': 1}, {}) == 'a: 1 -> None'

@@ -16,6 +16,7 @@ import pytest
 import sweeps
 from sweeps import bayes_search
 from sweeps.config.schema import fill_validate_metric
+import wandb
 import wandb.wandb_agent
 from wandb.sdk.launch.sweeps import utils as agent_utils
 from wandb.sdk.lib import config_util
@@ -25,6 +26,7 @@ from tests import conftest
 from cnn import config as config_lib
 from cnn import models
 from cnn import sweep
+from cnn import sweep_files
 from configs import default
 from configs import optimal
 
@@ -78,7 +80,7 @@ def analytic_train(config, workdir, *, epoch_callback=None):
 
 
 def results_lines(workdir) -> list[dict]:
-  with open(os.path.join(workdir, sweep.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, sweep_files.RESULTS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -288,7 +290,7 @@ def test_engine_runs_carry_the_history_that_bayes_uses(tmp_path):
   workdir = str(tmp_path / 'w')
   sweep.run_sweep(analytic_base(), workdir, sweep_config_path=write_spec(tmp_path / 's.yaml', spec),
                   sweep_count=4, overrides=(), train_fn=analytic_train, report=False)
-  records = {r['run']: r for r in sweep.read_results(workdir)}
+  records = {r['run']: r for r in sweep_files.read_results(workdir)}
   runs = sweep.engine_runs(workdir)
   assert sorted(r.name for r in runs) == sorted(records)
   best = []
@@ -371,13 +373,13 @@ def test_an_interrupted_run_is_resumed_by_the_next_invocation(tmp_path):
   assert [r['params']['kernel_size'] for r in records] == [3, 5, 7]
   assert [r['state'] for r in records] == ['finished'] * 3
   assert calls == [3, 5, 5, 7]
-  assert len(os.listdir(os.path.join(workdir, sweep.RUNS_DIR))) == 3  # resumed in place
+  assert len(os.listdir(os.path.join(workdir, sweep_files.RUNS_DIR))) == 3  # resumed in place
 
 
-WORKER = """
-import os, sys, time
-from cnn import sweep
-from tests.test_sweep import analytic_base, analytic_train
+# The analytic run's functions are copied in by source: a test module is never imported.
+WORKER = '\n'.join(['import json, os, sys, time', 'from cnn import sweep',
+                     'from configs import default'] +
+                    [inspect.getsource(f) for f in (ceiling, analytic_train, analytic_base)]) + """
 workdir, spec_path, name = sys.argv[1:]
 open(os.path.join(workdir, name + '.ready'), 'w').close()
 while not os.path.exists(os.path.join(workdir, 'go')):
@@ -410,7 +412,7 @@ def test_two_workers_share_one_sweep_directory(tmp_path):
   assert len(records) == 6  # together exactly sweep_count runs
   assert sorted(r['index'] for r in records) == list(range(6))
   assert len({r['run'] for r in records}) == 6
-  assert len(os.listdir(workdir / sweep.RUNS_DIR)) == 6
+  assert len(os.listdir(workdir / sweep_files.RUNS_DIR)) == 6
   assert all('sweep: run ' in out for out in outputs), outputs  # both drew runs
 
 
@@ -505,8 +507,14 @@ def test_offline_sweep_logs_each_run_to_wandb_offline(tiny_config, tmp_path):
           'parameters': {'dense_size': {'values': [4, 8]}, 'num_epochs': {'value': 1}}}
   tiny_config.wandb_mode = ''  # auto: offline in an offline sweep, credentials or not
   workdir = tmp_path / 'sweep'
+  # A wandb session already started in this process, as an earlier test leaves it: it no
+  # longer reads $WANDB_RUN_GROUP (this test failed in full runs, never alone).
+  session = wandb.setup().settings
+  before = (session.run_group, session.run_job_type)
   sweep.run_sweep(tiny_config, str(workdir), sweep_count=2, overrides=(),
                   sweep_config_path=write_spec(tmp_path / 's.yaml', spec))
+  session = wandb.setup().settings
+  assert (session.run_group, session.run_job_type) == before  # later runs are not grouped
   records = results_lines(workdir)
   assert [r['state'] for r in records] == ['finished', 'finished'], records
   for r in records:
