@@ -104,6 +104,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pngs = draw_figures(model, variables, data, probs, metrics, config, out)
   metrics['figures'] = {k: os.path.basename(v) for k, v in pngs.items()}  # beside this file
   checkpoints.write_json(os.path.join(out, 'test_metrics.json'), metrics)
+  _note_in_summary(workdir, metrics)
   metrics['eval_time_s'] = time.time() - t0
 
   writer = metrics_writer.MetricsWriter(config, workdir)
@@ -114,6 +115,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     writer.close()
   return metrics
+
+
+def _note_in_summary(workdir: str, metrics: dict) -> None:
+  """summary.json gets the test accuracy beside the hold-out val that chose the checkpoint."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return
+  summary = checkpoints.read_json(path)
+  val = summary.get('best_val_accuracy')
+  summary.update(test_accuracy=metrics['test_accuracy'],
+                 num_test_images_evaluated=metrics['num_test_images'],
+                 best_val_minus_test=None if val is None else val - metrics['test_accuracy'])
+  checkpoints.write_json(path, summary)
 
 
 def draw_figures(model: models.CNN, variables: dict, data: input_pipeline.Dataset,
