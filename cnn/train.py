@@ -551,7 +551,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.new_run:
     raise errors.WorkdirError(
         f'{workdir} holds a run with a different config ({listed}). Use another --workdir, or '
-        f'pass --config.new_run=True to keep that run under {workdir}/previous_runs/ and start anew')
+        f'pass --config.new_run=True to keep that run under {workdir}/previous_runs/ and start '
+        'anew')
   dest = os.path.join(workdir, 'previous_runs', time.strftime('%Y%m%d-%H%M%S'))
   os.makedirs(dest)
   for name in os.listdir(workdir):

@@ -113,20 +113,23 @@ def commit() -> str:
   return head + ('+uncommitted' if git('status', '--porcelain', '--untracked-files=no') else '')
 
 
+def _cell(stats: dict, fmt: str = '.3f') -> str:
+  return (f'{stats["mean"]:{fmt}} ± {stats["std"]:{fmt}} (spread {stats["spread"]:{fmt}})')
+
+
 def markdown(study: dict) -> str:
   lines = [f'# Recipe study ({study["commit"]}, {study["data_dir"]}, seeds '
            f'{", ".join(map(str, study["seeds"]))}, overrides {study["overrides"]})', '',
            '| recipe | best hold-out val | test | val - test | epochs | wall time per run |',
            '|---|---|---|---|---|---|']
   for name, agg in study['recipes'].items():
-    cell = lambda m, f='.3f': (f'{agg[m]["mean"]:{f}} ± {agg[m]["std"]:{f}} '
-                               f'(spread {agg[m]["spread"]:{f}})')
-    lines.append(f'| {name} | {cell("best_val_accuracy")} | {cell("test_accuracy")} | '
-                 f'{cell("val_minus_test")} | {cell("epochs_run", ".1f")} | '
+    cells = [_cell(agg[m]) for m in ('best_val_accuracy', 'test_accuracy', 'val_minus_test')]
+    lines.append(f'| {name} | {" | ".join(cells)} | {_cell(agg["epochs_run"], ".1f")} | '
                  f'{agg["wall_time_s"]["mean"] / 60:.1f} min |')
   lines += ['', 'mean ± standard deviation over the seeds (spread = max - min). '
             f'Study wall time {study["wall_time_s"] / 60:.1f} min.', '', '## Runs', '',
-            '| recipe | seed | best val (epoch) | test | epochs | wall |', '|---|---|---|---|---|---|']
+            '| recipe | seed | best val (epoch) | test | epochs | wall |',
+            '|---|---|---|---|---|---|']
   for r in study['runs']:
     lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["best_val_accuracy"]:.3f} '
                  f'({r["best_epoch"]}) | {r["test_accuracy"]:.3f} | {r["epochs_run"]} | '
