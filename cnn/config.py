@@ -17,6 +17,7 @@ DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('auto', 'xla', 'cpu_eigen')
 LR_SCHEDULES = ('constant', 'cosine')
 BN_STATS = ('precise', 'running')
+DEVICE_DATA = ('auto', 'on', 'off')
 
 
 class Role(NamedTuple):
@@ -63,6 +64,8 @@ FIELD_ROLES: dict[str, Role] = {
     'weight_decay': RUN,
     'batch_size': RUN,
     'eval_batch_size': SETTING,
+    'device_data': MACHINE,  # the same batches either way
+    'device_data_max_fraction': MACHINE,
     'num_epochs': SETTING,  # a finished run may be trained on for more epochs
     'early_stopping_patience': SETTING,
     'early_stopping_min_epochs': SETTING,
@@ -213,6 +216,9 @@ def _validate_recipe(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
   _check(0 <= c.bn_momentum < 1, f'bn_momentum={c.bn_momentum} must be in [0, 1), e.g. 0.99')
   _check(c.bn_stats in BN_STATS, f'bn_stats={c.bn_stats!r} is not one of {BN_STATS}')
+  _check(c.device_data in DEVICE_DATA, f'device_data={c.device_data!r} is not one of {DEVICE_DATA}')
+  _check(0 < c.device_data_max_fraction <= 1,
+         f'device_data_max_fraction={c.device_data_max_fraction} must be in (0, 1]')
   for name in ('precise_bn_images', 'bn_gap_images', 'early_stopping_min_epochs'):
     _check(isinstance(c[name], int) and c[name] >= 0, f'{name}={c[name]!r} must be an integer >= 0')
   _check(0 <= c.early_stopping_smoothing < 1,

@@ -465,10 +465,16 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Full shuffled batches of one epoch from batch `start` on; the remainder waits a reshuffle."""
-  perm = epoch_permutation(seed, epoch, len(labels))
-  for i in range(start, len(labels) // batch_size):
-    idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])  # sorted: faster gather
+  for idx in batch_indices(len(labels), batch_size, seed, epoch, start):
     yield {'image': images[idx], 'label': labels[idx]}
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int,
+                  start: int = 0) -> Iterator[np.ndarray]:
+  """Each full batch of epoch `epoch` from batch `start` on; the remainder waits a reshuffle."""
+  perm = epoch_permutation(seed, epoch, n)
+  for i in range(start, n // batch_size):
+    yield np.sort(perm[i * batch_size:(i + 1) * batch_size])  # sorted: a faster gather
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray,

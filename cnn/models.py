@@ -18,13 +18,11 @@ BN_EPSILON = 1e-3
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/stride-2 max pool that drops an odd last row/column, like Keras' MaxPool2D('valid').
 
-  Written as reshape + max because XLA:CPU's select-and-scatter (the gradient of
-  `nn.max_pool`) is several times slower; the forward result is identical. The CPU path
-  (conv_impl 'cpu_eigen') uses `layers.max_pool_2x2`, which has `nn.max_pool`'s gradient too.
+  `nn.max_pool`, whose gradient (select-and-scatter) gives each window's whole gradient to its
+  first maximum, as `layers.max_pool_2x2` on the CPU path does: at tied maxima (flat regions,
+  nearest-fill borders of augmented images) both paths train alike.
   """
-  b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
 
 def conv_filters(first_layer_filters: int, filter_org: float, conv_layers: int) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
@@ -31,6 +31,7 @@ from cnn import checkpoints
 from cnn import config as config_lib
 from cnn import download
 from cnn import errors
+from cnn import feeding
 from cnn import input_pipeline
 from cnn import metrics_writer
 from cnn import models
@@ -221,30 +222,6 @@ def steps_for(program: Program) -> Steps:
       train_mode_correct=jax.jit(functools.partial(_train_mode_correct, program)))
 
 
-# ---------------------------------------------------------------------------- devices
-
-
-def make_mesh() -> Mesh:
-  """All devices of all hosts on one 'data' axis: the batch is split, the state replicated."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
-
-
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global numpy batch -> arrays split over the mesh; each host contributes its own slice."""
-  sharding = NamedSharding(mesh, P('data'))
-  n, i = jax.process_count(), jax.process_index()
-
-  def local(x):
-    per_host = x.shape[0] // n
-    return jax.make_array_from_process_local_data(sharding, x[i * per_host:(i + 1) * per_host])
-
-  return {k: local(v) for k, v in batch.items()}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 # ---------------------------------------------------------------------------- validation
 
 
@@ -253,7 +230,7 @@ def evaluate_arrays(steps: Steps, variables: dict, arrays: tuple[np.ndarray, np.
   """(mean loss, accuracy) in eval mode on all of `arrays` = (images, labels)."""
   totals = None
   for batch in input_pipeline.eval_batches(*arrays, batch_size):
-    m = steps.evaluate(variables, shard_batch(batch, mesh))
+    m = steps.evaluate(variables, feeding.shard_batch(batch, mesh))
     totals = m if totals is None else jax.tree_util.tree_map(jnp.add, totals, m)
   count = float(totals['count'])
   return float(totals['loss_sum']) / count, float(totals['correct']) / count
@@ -278,7 +255,7 @@ def precise_batch_stats(steps: Steps, state: TrainState, images: np.ndarray, bat
   """
   total, n = None, len(images) // batch_size
   for i in range(n):
-    batch = shard_batch({'image': images[i * batch_size:(i + 1) * batch_size]}, mesh)
+    batch = feeding.shard_batch({'image': images[i * batch_size:(i + 1) * batch_size]}, mesh)
     stats = steps.batch_stats(state.variables, batch['image'])
     total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
   return jax.tree_util.tree_map(lambda x: x / n, total)
@@ -292,7 +269,7 @@ def bn_gap(steps: Steps, state: TrainState, arrays: tuple[np.ndarray, np.ndarray
   for i in range(len(labels) // batch_size):
     batch = {'image': images[i * batch_size:(i + 1) * batch_size],
              'label': labels[i * batch_size:(i + 1) * batch_size]}
-    correct += float(steps.train_mode_correct(state.variables, shard_batch(batch, mesh)))
+    correct += float(steps.train_mode_correct(state.variables, feeding.shard_batch(batch, mesh)))
   _, eval_acc = evaluate_arrays(steps, state.variables, arrays, batch_size, mesh)
   train_acc = correct / len(labels)
   return {'bn_gap_train_mode_acc': train_acc, 'bn_gap_eval_mode_acc': eval_acc,
@@ -386,6 +363,15 @@ class Run:
     return hyperparams(self.config, self.steps_per_epoch)
 
   @functools.cached_property
+  def feed(self) -> feeding.HostFeed | feeding.DeviceFeed:
+    feed = feeding.make_feed(self.config, self.data.train_images, self.data.train_labels,
+                             self.mesh)
+    if feed.on_device:
+      print(f'training images on the device(s): {self.data.train_images.nbytes / 2**20:.0f} MiB '
+            '(--config.device_data=off keeps them on the host)')
+    return feed
+
+  @functools.cached_property
   def bn_images(self) -> np.ndarray:
     """The fixed training images precise BN averages over (seeded: the same on resume)."""
     idx = fixed_sample(self.data.train_labels, self.config.precise_bn_images,
@@ -445,14 +431,14 @@ _DIVERGED_ADVICE = ('checkpoints from before it are kept. Try a lower --config.l
                     '(e.g. 3e-4) or --config.batch_norm=True')
 
 
-def _batches_from(run: Run, step: int) -> Iterator[dict[str, np.ndarray]]:
-  """The training batches from global step `step` to the end of num_epochs."""
+def _batches_from(run: Run, step: int) -> Iterator[dict[str, jax.Array]]:
+  """The training batches, on the devices, from global step `step` to the end of num_epochs."""
   first_epoch, start = divmod(step, run.steps_per_epoch)
-  data, c = run.data, run.config
+  n, c = len(run.data.train_labels), run.config
   for epoch in range(first_epoch, c.num_epochs):
-    yield from input_pipeline.train_batches(data.train_images, data.train_labels, c.batch_size,
-                                            c.seed, epoch, start=start if epoch == first_epoch
-                                            else 0)
+    for idx in input_pipeline.batch_indices(n, c.batch_size, c.seed, epoch,
+                                            start if epoch == first_epoch else 0):
+      yield run.feed(idx)
 
 
 def _save_latest(run: Run, state: TrainState, loop: LoopState) -> None:
@@ -482,7 +468,7 @@ def train_loop(run: Run, state: TrainState, loop: LoopState) -> tuple[TrainState
     for batch in _batches_from(run, step):
       if loop.stopping.stopped_early_by:
         break
-      state, m = run.steps.train(state, shard_batch(batch, run.mesh), run.hp)
+      state, m = run.steps.train(state, batch, run.hp)
       step += 1
       bar.update(step % spe or spe, sums.sums)  # the previous step's sums: read a step late
       sums.add(m)
@@ -611,6 +597,7 @@ def _summary(run: Run, state: TrainState, loop: LoopState, timing: dict) -> dict
       'skipped_images': data.skipped,
       'num_skipped_images': len(data.skipped),
       'num_devices': jax.device_count(),
+      'data_on_device': run.feed.on_device,
       **timing,
   }
 
@@ -645,7 +632,7 @@ def _prepare(config: ml_collections.ConfigDict,
 
 def _restore(run: Run, num_classes: int) -> tuple[TrainState, LoopState]:
   """The workdir's latest checkpoint, or a fresh state; metrics.jsonl cut to match it."""
-  state = replicate(create_train_state(run.config, num_classes,
+  state = feeding.replicate(create_train_state(run.config, num_classes,
                                        jax.random.PRNGKey(run.config.seed)), run.mesh)
   loop = LoopState()
   restored = checkpoints.restore_latest(run.workdir, state)
@@ -687,8 +674,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config, data = _prepare(config, data)
   enable_compilation_cache(config)
   timing = {'data_load_s': time.time() - t_start}
-  run = Run(config, data, steps_for(program_for(config, len(data.class_names))), make_mesh(),
-            workdir, metrics_writer.MetricsWriter(config, workdir), epoch_callback,
+  steps = steps_for(program_for(config, len(data.class_names)))
+  run = Run(config, data, steps, feeding.make_mesh(), workdir,
+            metrics_writer.MetricsWriter(config, workdir), epoch_callback,
             _first_step_timer(t_start, timing))
   try:
     state, loop = _restore(run, len(data.class_names))

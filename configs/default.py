@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0  # share of each target spread evenly over all classes
   c.batch_size = 32  # global batch, split over all local devices
   c.eval_batch_size = 128
+  # Training images held on the device(s), each batch gathered there: 'auto' (on a GPU/TPU when
+  # they fit in device_data_max_fraction of its memory), 'on' or 'off' (sliced on the host).
+  c.device_data = 'auto'
+  c.device_data_max_fraction = 0.25
   c.num_epochs = 50
   c.early_stopping_patience = 5  # epochs without a better val accuracy before stopping; 0 = off
   c.early_stopping_min_epochs = 0  # never stop for patience before this many epochs

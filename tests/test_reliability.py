@@ -19,7 +19,7 @@ import pytest
 from tests import conftest
 from cnn import checkpoints
 from cnn import errors
-from cnn import config as config_lib
+from cnn import feeding
 from cnn import input_pipeline
 from cnn import train
 from configs import default
@@ -163,7 +163,7 @@ def _holdout_loss(config, state) -> float:
   steps = train.steps_for(train.program_for(config, 3))
   loss, _ = train.evaluate_arrays(steps, state.variables, (data.holdout_images,
                                                            data.holdout_labels),
-                                  config.eval_batch_size, train.make_mesh())
+                                  config.eval_batch_size, feeding.make_mesh())
   return loss
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cnn import checkpoints
+from cnn import feeding
 from cnn import input_pipeline
 from cnn import train
 
@@ -43,7 +44,7 @@ def test_training_learns_and_writes_its_results(tiny_config, tmp_path):
   data = input_pipeline.load_dataset(tiny_config)
   steps = train.steps_for(train.program_for(tiny_config, 3))
   _, acc = train.evaluate_arrays(steps, best_vars, (data.holdout_images, data.holdout_labels),
-                                 16, train.make_mesh())
+                                 16, feeding.make_mesh())
   assert acc == pytest.approx(summary['best_val_accuracy'])
 
 
