@@ -95,3 +95,25 @@ def test_auto_conv_impl_is_the_fast_cpu_layers_on_cpu_and_xla_elsewhere(monkeypa
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert models.resolve_conv_impl('auto') == 'xla'
   assert models.resolve_conv_impl('cpu_eigen') == 'cpu_eigen'
+
+
+def test_both_pools_give_a_tied_windows_gradient_to_its_first_maximum():
+  """The XLA path (nn.max_pool) and the CPU path (layers.max_pool_2x2) train alike at ties."""
+  from cnn import layers
+  x = jnp.ones((1, 4, 6, 2))  # every window is one tie
+  g = jax.random.normal(jax.random.PRNGKey(3), (1, 2, 3, 2))
+  expected = np.zeros((1, 4, 6, 2), np.float32)
+  expected[:, ::2, ::2] = g  # the first (top-left) element of each window gets it all
+  for pool in (models.max_pool_2x2, layers.max_pool_2x2):
+    _, vjp = jax.vjp(pool, x)
+    np.testing.assert_allclose(vjp(g)[0], expected, rtol=1e-6)
+
+
+def test_flip_averaging_averages_the_probabilities_of_an_image_and_its_mirror():
+  model = models.CNN(filters=(4, 4), kernel_size=3, dense_size=8, num_classes=3)
+  x = jax.random.uniform(jax.random.PRNGKey(4), (2, 20, 20, 3))
+  v = model.init(jax.random.PRNGKey(5), x)
+  p = lambda images: jax.nn.softmax(model.apply(v, images))
+  averaged = np.exp(models.log_probabilities(model, v, x, tta_flip=True))
+  np.testing.assert_allclose(averaged, (p(x) + p(x[:, :, ::-1])) / 2, rtol=1e-5)
+  np.testing.assert_allclose(np.exp(models.log_probabilities(model, v, x)), p(x), rtol=1e-5)
