@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   # model has learned from epoch 1 on; 'running': the running averages alone (the old evaluation,
   # which lags by ~1/(1 - bn_momentum) steps).
   c.bn_stats = 'precise'
-  c.precise_bn_images = 256  # a fixed, seeded set of training images (whole batches of batch_size)
+  c.precise_bn_images = 192  # a fixed, seeded set of training images (whole batches of batch_size)
   c.tta_flip = False  # average each image's prediction with its mirror's: validation, evaluate, predict
   c.bn_gap_images = 0  # diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images
 
