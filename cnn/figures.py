@@ -133,7 +133,8 @@ def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndar
       for spine in ax_img.spines.values():
         spine.set_edgecolor(color)
         spine.set_linewidth(4)
-      label = f'{"✓" if ok else "✗"} {display_name(class_names[preds[i]])}  {probs[i, preds[i]]:.0%}'
+      mark = '✓' if ok else '✗'
+      label = f'{mark} {display_name(class_names[preds[i]])}  {probs[i, preds[i]]:.0%}'
       ax_img.set_title(textwrap.fill(label, 24, break_long_words=False),
                        color=color, fontsize=10.5, fontweight='bold', pad=4, linespacing=1.0)
       top = np.argsort(-probs[i])[:3]
@@ -176,8 +177,8 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
               fontsize=fontsize, color='white' if share[t, p] > 0.55 else 'black')
   ax.set_xticks(range(n), [display_name(c) for c in class_names], rotation=40, ha='right',
                 rotation_mode='anchor', fontsize=fontsize + 1)
-  ax.set_yticks(range(n), [f'{display_name(c)} ({int(k)})' for c, k in zip(class_names, totals[:, 0])],
-                fontsize=fontsize + 1)
+  row_labels = [f'{display_name(c)} ({int(k)})' for c, k in zip(class_names, totals[:, 0])]
+  ax.set_yticks(range(n), row_labels, fontsize=fontsize + 1)
   ax.set_xlabel('predicted class', fontsize=13)
   ax.set_ylabel('true class (test images)', fontsize=13)
   accuracy = np.trace(confusion) / max(1, confusion.sum())

@@ -111,7 +111,8 @@ def discover(data_dir: str) -> tuple[dict[str, FileList], list[str]]:
   root = pathlib.Path(data_dir)
   if not root.is_dir():
     raise DatasetError(f'data_dir {data_dir!r} does not exist. Put the data there (it must hold '
-                       'train/<class>/ and val/<class>/) or point at it with --config.data_dir=PATH')
+                       'train/<class>/ and val/<class>/) or point at it with '
+                       '--config.data_dir=PATH')
   for split in SPLITS:
     if not (root / split).is_dir():
       raise DatasetError(f'{root / split} is missing: data_dir must hold train/<class>/ and '

@@ -563,7 +563,8 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
       return None
     extra = [k for k, p in spec['parameters'].items()
              if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
-    name = _unique_name(workdir, config_lib.hyperparameter_name(apply_sweep_params(base, params), extra))
+    run_config = apply_sweep_params(base, params)
+    name = _unique_name(workdir, config_lib.hyperparameter_name(run_config, extra))
     claim = {'run': name, 'index': index, 'params': params, 'created': _now()}
     os.makedirs(sweep_files.run_dir(workdir, name))
     stack.enter_context(_locked(sweep_files.run_lock_path(workdir, name)))

@@ -97,7 +97,7 @@ def time_train_steps(builders: Mapping[str, Builder], size: int, batch_size: int
       proc.join(timeout=30)
       if proc.is_alive():
         proc.kill()
-  for fw, r in results.items():
+  for r in results.values():
     if 'error' in r:
       continue
     med = statistics.median(r['wall_s'])
