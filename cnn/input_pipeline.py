@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 import warnings
 
 from absl import logging
@@ -411,16 +411,16 @@ def _why(path: str, reasons: dict[str, str], image_size: int) -> str:
 
 
 def _check_every_class_readable(files: FileList, kept: np.ndarray, class_names: list[str],
-                                folder: pathlib.Path, reasons: dict[str, str],
-                                image_size: int) -> None:
-  """DatasetError for a class none of whose files in this split decoded."""
+                                folder: pathlib.Path, why: Callable[[str], str]) -> None:
+  """DatasetError for a class none of whose files in this split decoded; `why(path)` says why
+  a file did not."""
   labels = np.asarray(files.labels)
   readable = np.bincount(labels[kept], minlength=len(class_names))
   for c in np.flatnonzero(readable == 0):
     bad = [p for p, y in zip(files.paths, files.labels) if y == c]
     raise DatasetError(
         f'class folder {folder / class_names[c]} has no readable images: all {len(bad)} of its '
-        f'image files failed to decode (first: {_why(bad[0], reasons, image_size)}); replace '
+        f'image files failed to decode (first: {why(bad[0])}); replace '
         'them, or remove the class folder from both splits')
 
 
@@ -444,9 +444,10 @@ def load_dataset(config) -> Dataset:
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})
   _warn_unreadable(skipped, builder.reasons, config.image_size)
+  why = lambda path: _why(path, builder.reasons, config.image_size)
   for split, files, kept in (('train', train_files, train_idx), ('val', test_files, test_idx)):
     _check_every_class_readable(files, kept, class_names, pathlib.Path(config.data_dir) / split,
-                                builder.reasons, config.image_size)
+                                why)
   labels = np.asarray(train_files.labels, np.int32)[train_idx]
   keep, held = holdout_split(labels, config.holdout_fraction, config.seed)
   return Dataset(
