@@ -49,7 +49,8 @@ def _valid_taps(in_size: int, out_size: int, k: int, padding: str) -> int:
   return sum(min(i - lo + k, in_size) - max(i - lo, 0) for i in range(out_size))
 
 
-def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], k: int, c_in: int, c_out: int,
+# PLR0913: the six numbers of one conv layer; tests/test_count.py passes them positionally.
+def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], k: int, c_in: int, c_out: int,  # noqa: PLR0913
               padding: str) -> tuple[int, int]:
   """(textbook MACs, MACs without padding taps) of a stride-1 k x k convolution."""
   textbook = out_hw[0] * out_hw[1] * k * k * c_in * c_out
@@ -163,7 +164,8 @@ def _poly(terms: list[tuple[int, str]]) -> str:
   return ' + '.join(parts)
 
 
-def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: int = 5,
+# PLR0913: the symbols of the formula; tests/test_count.py calls (m, k, n, s, padding, batch_norm=).
+def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: int = 5,  # noqa: PLR0913
                 num_classes: int = DEFAULT_NUM_CLASSES, in_channels: int = 3,
                 batch_norm: bool = False) -> ClosedForm:
   """Parameters and MACs of the textbook CNN as formulas in (m, k, n, s) and as numbers.

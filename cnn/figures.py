@@ -95,7 +95,8 @@ class _GridData(NamedTuple):
   class_names: list[str]
 
 
-def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+# PLR0913: public call fixed by tests/test_figures.py (six positional arguments and title=).
+def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,  # noqa: PLR0913
                           class_names: list[str], grid: np.ndarray,
                           path: str | os.PathLike, title: str = '') -> str:
   """One row per true class; each cell: the image framed green (✓) or red (✗), the predicted

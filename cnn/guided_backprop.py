@@ -107,7 +107,8 @@ def _neuron_gradients(model, variables, image, layer, index):
   return jax.vmap(jax.grad(neuron), in_axes=(None, 0))(image, index)
 
 
-def neuron_gradients(model: models.CNN, variables, image, layer: str, neurons: Neurons,
+# PLR0913: public call fixed by tests/test_guided_backprop.py (six positional arguments).
+def neuron_gradients(model: models.CNN, variables, image, layer: str, neurons: Neurons,  # noqa: PLR0913
                      method: str = 'guided') -> np.ndarray:
   """d(neuron activation)/d(image) under `method`'s rule for every neuron: (K, H, W, 3)."""
   layer_index(layer, len(model.filters))

@@ -594,7 +594,8 @@ def _append_result(workdir: str, record: dict) -> None:
       f.write(json.dumps(_to_python(record), default=str) + '\n')
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,
+# PLR0913: public call fixed by main.py and tests/test_sweep.py (five keyword arguments).
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,  # noqa: PLR0913
               sweep_count: int, overrides: Sequence[str] | None = None,
               train_fn: TrainFn | None = None, report: bool = True) -> list[dict]:
   """Runs the sweep of `sweep_config_path` offline in `workdir` until it holds `sweep_count`
