@@ -67,7 +67,8 @@ def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
   warp = lambda channel: jax.scipy.ndimage.map_coordinates(
       channel, [src_r, src_c], order=1, mode='nearest')
   out = jax.vmap(warp, in_axes=2, out_axes=2)(image)
-  brightness = 1.0 + jax.random.uniform(k_bright, (), minval=-1.0, maxval=1.0) * ranges['brightness']
+  jitter = jax.random.uniform(k_bright, (), minval=-1.0, maxval=1.0)
+  brightness = 1.0 + jitter * ranges['brightness']
   return jnp.clip(out * brightness, 0.0, 1.0)
 
 

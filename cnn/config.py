@@ -173,7 +173,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(c.padding.upper() in PADDINGS,
          f'padding={c.padding!r} is not one of {PADDINGS}; use --config.padding=VALID or SAME')
   _check(c.activation in activations.TRAINABLE_ACTIVATIONS,
-         f'unknown activation {c.activation!r}; known: {", ".join(activations.TRAINABLE_ACTIVATIONS)}')
+         f'unknown activation {c.activation!r}; '
+         f'known: {", ".join(activations.TRAINABLE_ACTIVATIONS)}')
   _check(c.optimizer in OPTIMIZERS,
          f'unknown optimizer {c.optimizer!r}; known: {", ".join(OPTIMIZERS)}')
   _check(c.dtype in DTYPES, f'dtype={c.dtype!r} is not one of {DTYPES}')
@@ -194,15 +195,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   filters = models.conv_filters(c.first_layer_filters, c.filter_org, c.conv_layers)
   _check(min(filters) > 0,
          f'filters per block {filters}: int({c.first_layer_filters} * {c.filter_org}**i) rounds '
-         f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or filter_org '
-         f'or lower conv_layers')
+         f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or '
+         f'filter_org or lower conv_layers')
   _validate_recipe(c)
   last = spatial_sizes(c.image_size, c.kernel_size, c.padding, c.conv_layers)[-1]
   smallest = min_image_size(c.kernel_size, c.padding, c.conv_layers)
   _check(last >= 1,
-         f'image_size={c.image_size} is too small for {c.conv_layers} {c.padding.upper()} blocks of '
-         f'kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. Use '
-         f'--config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
+         f'image_size={c.image_size} is too small for {c.conv_layers} {c.padding.upper()} '
+         f'blocks of kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. '
+         f'Use --config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
          f'or --config.padding=SAME')
 
 

@@ -49,7 +49,8 @@ def _valid_taps(in_size: int, out_size: int, k: int, padding: str) -> int:
   return sum(min(i - lo + k, in_size) - max(i - lo, 0) for i in range(out_size))
 
 
-def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], k: int, c_in: int, c_out: int,
+# PLR0913: the six numbers of one conv layer; tests/test_count.py passes them positionally.
+def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], k: int, c_in: int, c_out: int,  # noqa: PLR0913
               padding: str) -> tuple[int, int]:
   """(textbook MACs, MACs without padding taps) of a stride-1 k x k convolution."""
   textbook = out_hw[0] * out_hw[1] * k * k * c_in * c_out
@@ -163,7 +164,8 @@ def _poly(terms: list[tuple[int, str]]) -> str:
   return ' + '.join(parts)
 
 
-def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: int = 5,
+# PLR0913: the symbols of the formula; tests/test_count.py calls (m, k, n, s, padding, batch_norm=).
+def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: int = 5,  # noqa: PLR0913
                 num_classes: int = DEFAULT_NUM_CLASSES, in_channels: int = 3,
                 batch_norm: bool = False) -> ClosedForm:
   """Parameters and MACs of the textbook CNN as formulas in (m, k, n, s) and as numbers.
@@ -196,7 +198,8 @@ def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: in
   bn = 2 if batch_norm else 0
   params = ((L - 1) * k * k * m * m + C * k * k * m + (L + bn * L) * m
             + s_last**2 * m * n + (1 + bn + c) * n + c)
-  macs = C * k * k * m * h[0]**2 + k * k * m * m * sum(x * x for x in h[1:]) + s_last**2 * m * n + n * c
+  macs = (C * k * k * m * h[0]**2 + k * k * m * m * sum(x * x for x in h[1:])
+          + s_last**2 * m * n + n * c)
   params_formula = _poly([(L - 1, 'k²m²'), (C, 'k²m'), (L + bn * L, 'm'), (1, f's_{L}²·m·n'),
                           (1 + bn + c, 'n'), (c, '')])
   deep = ' + '.join(f'h_{i}²' for i in range(2, L + 1))
@@ -222,7 +225,8 @@ def format_table(rows: list[LayerCost]) -> str:
   widths = [max(len(row[j]) for row in [header, *body, total]) for j in range(len(header))]
 
   def line(row):
-    return '  '.join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
+    cells = enumerate(zip(row, widths))
+    return '  '.join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in cells)
 
   rule = '-' * len(line(header))
   return '\n'.join([line(header), rule, *map(line, body), rule, line(total)])
@@ -245,7 +249,8 @@ def report(config: ml_collections.ConfigDict, num_classes: int = DEFAULT_NUM_CLA
          f'({t["flops"] / 1e9:.3f} GFLOPs)',
          'Bias adds, batch norm, activations and pooling are not counted as MACs.']
   if model.padding == 'SAME':
-    out.append(f'Without the taps on the zero border (as XLA counts): {t["macs_no_padding"]:,} MACs.')
+    out.append('Without the taps on the zero border (as XLA counts): '
+               f'{t["macs_no_padding"]:,} MACs.')
   if with_xla:
     xla = xla_forward_flops(model, s)
     out.append(f'XLA cost analysis of the compiled forward pass: {xla:,.0f} FLOPs '

@@ -11,6 +11,7 @@ import pathlib
 import sys
 import textwrap
 import time
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -101,7 +102,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out, exist_ok=True)
   write_predictions_csv(os.path.join(out, 'predictions.csv'), data.test_paths, data.test_labels,
                         probs, class_names)
-  pngs = draw_figures(model, variables, data, probs, metrics, config, out)
+  pngs = draw_figures(model, variables, Evaluation(data, probs, metrics), config, out)
   metrics['figures'] = {k: os.path.basename(v) for k, v in pngs.items()}  # beside this file
   checkpoints.write_json(os.path.join(out, 'test_metrics.json'), metrics)
   _note_in_summary(workdir, metrics)
@@ -130,17 +131,32 @@ def _note_in_summary(workdir: str, metrics: dict) -> None:
   checkpoints.write_json(path, summary)
 
 
-def draw_figures(model: models.CNN, variables: dict, data: input_pipeline.Dataset,
-                 probs: np.ndarray, metrics: dict, config: ml_collections.ConfigDict,
-                 out: str) -> dict[str, str]:
+class Evaluation(NamedTuple):
+  """What the figures are drawn from: the test set, its class probabilities and its metrics."""
+  data: input_pipeline.Dataset
+  probs: np.ndarray
+  metrics: dict
+
+
+def draw_figures(model: models.CNN, variables: dict, evaluation: Evaluation,
+                 config: ml_collections.ConfigDict, out: str) -> dict[str, str]:
   """The four PNGs of the evaluation; returns {name: path}."""
+  paths = {name: os.path.join(out, f'{name}.png') for name in FIGURES}
+  _draw_test_set_figures(evaluation, config.eval_image_seed, paths)
+  kernel = np.asarray(variables['params']['conv1']['kernel'])
+  figures.plot_first_layer_filters(kernel, paths['first_layer_filters'])
+  _draw_first_layer_activations(model, variables, evaluation, config.eval_image_seed, paths)
+  return paths
+
+
+def _draw_test_set_figures(evaluation: Evaluation, seed: int, paths: dict[str, str]) -> None:
+  """The predictions grid and the confusion matrix."""
+  data, probs, metrics = evaluation
   names = data.class_names
   acc, n = metrics['test_accuracy'], metrics['num_test_images']
   epoch = metrics.get('best_epoch')
   where = f'best checkpoint (epoch {epoch})' if epoch else 'best checkpoint'
-  paths = {name: os.path.join(out, f'{name}.png') for name in FIGURES}
-
-  grid = figures.predictions_grid_indices(data.test_labels, len(names), config.eval_image_seed)
+  grid = figures.predictions_grid_indices(data.test_labels, len(names), seed)
   figures.plot_predictions_grid(
       data.test_images, data.test_labels, probs, names, grid, paths['predictions_grid'],
       title=f'Test images and the predictions of the {where}: accuracy {acc:.1%} on {n} images')
@@ -148,10 +164,13 @@ def draw_figures(model: models.CNN, variables: dict, data: input_pipeline.Datase
       np.asarray(metrics['confusion_matrix']), names, paths['confusion_matrix'],
       title=f'Confusion matrix on the test set ({n} images), {where}: accuracy {acc:.1%}')
 
-  kernel = np.asarray(variables['params']['conv1']['kernel'])
-  figures.plot_first_layer_filters(kernel, paths['first_layer_filters'])
 
-  i = int(np.random.default_rng(config.eval_image_seed).integers(len(data.test_labels)))
+def _draw_first_layer_activations(model: models.CNN, variables: dict, evaluation: Evaluation,
+                                  seed: int, paths: dict[str, str]) -> None:
+  """The conv1 feature maps of one test image drawn with `seed`."""
+  data, probs, _ = evaluation
+  names = data.class_names
+  i = int(np.random.default_rng(seed).integers(len(data.test_labels)))
   image = data.test_images[i]
   maps = np.asarray(models.block_output(model, variables, image[None] / np.float32(255.0),
                                         'conv1')[0], np.float32)
@@ -162,9 +181,8 @@ def draw_figures(model: models.CNN, variables: dict, data: input_pipeline.Datase
   figures.plot_first_layer_activations(
       image, maps, paths['first_layer_activations'], caption=caption,
       title=(f'First-layer feature maps of test image #{i} (eval_image_seed='
-             f'{config.eval_image_seed}): all {maps.shape[-1]} filters after '
+             f'{seed}): all {maps.shape[-1]} filters after '
              f'{"batch norm and " if model.batch_norm else ""}{model.activation}'))
-  return paths
 
 
 def format_report(metrics: dict) -> str:

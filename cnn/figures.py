@@ -7,7 +7,7 @@ depends on a display or on pyplot's global state.
 import math
 import os
 import textwrap
-from typing import Any
+from typing import Any, NamedTuple
 
 from matplotlib import figure as mpl_figure
 import numpy as np
@@ -87,7 +87,16 @@ def display_name(name: str, width: int = 0) -> str:
   return textwrap.fill(name, width, break_long_words=False) if width else name
 
 
-def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+class _GridData(NamedTuple):
+  """What the cells of a predictions grid are drawn from."""
+  images: np.ndarray
+  labels: np.ndarray
+  probs: np.ndarray
+  class_names: list[str]
+
+
+# PLR0913: public call fixed by tests/test_figures.py (six positional arguments and title=).
+def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,  # noqa: PLR0913
                           class_names: list[str], grid: np.ndarray,
                           path: str | os.PathLike, title: str = '') -> str:
   """One row per true class; each cell: the image framed green (✓) or red (✗), the predicted
@@ -96,6 +105,7 @@ def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndar
   images (N, S, S, 3), labels (N,), probs (N, C); grid from `predictions_grid_indices`.
   """
   rows, cols = grid.shape
+  shown = _GridData(images, labels, probs, class_names)
   preds = probs.argmax(-1)
   cell_w, cell_h, left = 2.5, 3.55, 1.5  # inches
   width = cell_w * cols + left
@@ -122,35 +132,47 @@ def plot_predictions_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndar
                           labelpad=8)
       i = grid[r, c]
       if i < 0:
-        for spine in ax_img.spines.values():
-          spine.set_visible(False)
-        ax_img.text(0.5, 0.5, 'no more\ntest images', ha='center', va='center',
-                    color='0.5', fontsize=10, transform=ax_img.transAxes)
-        continue
-      ok = preds[i] == labels[i]
-      color = CORRECT if ok else WRONG
-      ax_img.imshow(_as_float_image(images[i]))
-      for spine in ax_img.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(4)
-      label = f'{"✓" if ok else "✗"} {display_name(class_names[preds[i]])}  {probs[i, preds[i]]:.0%}'
-      ax_img.set_title(textwrap.fill(label, 24, break_long_words=False),
-                       color=color, fontsize=10.5, fontweight='bold', pad=4, linespacing=1.0)
-      top = np.argsort(-probs[i])[:3]
-      y = np.arange(len(top))
-      bar_colors = [color if k == preds[i] else (TRUE_CLASS if k == labels[i] else '0.75')
-                    for k in top]
-      ax_bar.barh(y, probs[i, top], color=bar_colors, alpha=0.45, height=0.8)
-      ax_bar.set_xlim(0, 1)
-      ax_bar.set_ylim(len(top) - 0.5, -0.5)
-      for yy, k in zip(y, top):
-        ax_bar.text(0.015, yy, f'{probs[i, k]:4.0%}  {display_name(class_names[k])}',
-                    va='center', fontsize=8.5, color='black')
+        _draw_empty_cell(ax_img)
+      else:
+        _draw_prediction_cell(ax_img, ax_bar, shown, i)
   fig.text(0.5, 1 - 0.12 / height, heading, ha='center', va='top', fontsize=15,
            fontweight='bold')
   fig.text(0.5, 1 - (0.22 + 0.3 * (heading.count('\n') + 1)) / height, legend, ha='center',
            va='top', fontsize=10.5)
   return save(fig, path)
+
+
+def _draw_empty_cell(ax_img) -> None:
+  for spine in ax_img.spines.values():
+    spine.set_visible(False)
+  ax_img.text(0.5, 0.5, 'no more\ntest images', ha='center', va='center',
+              color='0.5', fontsize=10, transform=ax_img.transAxes)
+
+
+def _draw_prediction_cell(ax_img, ax_bar, shown: _GridData, i: int) -> None:
+  """Test image `i` framed by whether it is right, its prediction, and its top-3 bars."""
+  images, labels, probs, class_names = shown
+  pred = probs[i].argmax()
+  ok = pred == labels[i]
+  color = CORRECT if ok else WRONG
+  ax_img.imshow(_as_float_image(images[i]))
+  for spine in ax_img.spines.values():
+    spine.set_edgecolor(color)
+    spine.set_linewidth(4)
+  mark = '✓' if ok else '✗'
+  label = f'{mark} {display_name(class_names[pred])}  {probs[i, pred]:.0%}'
+  ax_img.set_title(textwrap.fill(label, 24, break_long_words=False),
+                   color=color, fontsize=10.5, fontweight='bold', pad=4, linespacing=1.0)
+  top = np.argsort(-probs[i])[:3]
+  y = np.arange(len(top))
+  bar_colors = [color if k == pred else (TRUE_CLASS if k == labels[i] else '0.75')
+                for k in top]
+  ax_bar.barh(y, probs[i, top], color=bar_colors, alpha=0.45, height=0.8)
+  ax_bar.set_xlim(0, 1)
+  ax_bar.set_ylim(len(top) - 0.5, -0.5)
+  for yy, k in zip(y, top):
+    ax_bar.text(0.015, yy, f'{probs[i, k]:4.0%}  {display_name(class_names[k])}',
+                va='center', fontsize=8.5, color='black')
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
@@ -176,8 +198,8 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str],
               fontsize=fontsize, color='white' if share[t, p] > 0.55 else 'black')
   ax.set_xticks(range(n), [display_name(c) for c in class_names], rotation=40, ha='right',
                 rotation_mode='anchor', fontsize=fontsize + 1)
-  ax.set_yticks(range(n), [f'{display_name(c)} ({int(k)})' for c, k in zip(class_names, totals[:, 0])],
-                fontsize=fontsize + 1)
+  row_labels = [f'{display_name(c)} ({int(k)})' for c, k in zip(class_names, totals[:, 0])]
+  ax.set_yticks(range(n), row_labels, fontsize=fontsize + 1)
   ax.set_xlabel('predicted class', fontsize=13)
   ax.set_ylabel('true class (test images)', fontsize=13)
   accuracy = np.trace(confusion) / max(1, confusion.sum())

@@ -107,7 +107,8 @@ def _neuron_gradients(model, variables, image, layer, index):
   return jax.vmap(jax.grad(neuron), in_axes=(None, 0))(image, index)
 
 
-def neuron_gradients(model: models.CNN, variables, image, layer: str, neurons: Neurons,
+# PLR0913: public call fixed by tests/test_guided_backprop.py (six positional arguments).
+def neuron_gradients(model: models.CNN, variables, image, layer: str, neurons: Neurons,  # noqa: PLR0913
                      method: str = 'guided') -> np.ndarray:
   """d(neuron activation)/d(image) under `method`'s rule for every neuron: (K, H, W, 3)."""
   layer_index(layer, len(model.filters))
@@ -324,41 +325,71 @@ def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
   epoch = meta.get('epoch', '?') if isinstance(meta, dict) else '?'
   title = (f'{os.path.basename(image_path)}; yellow boxes = receptive fields of the '
            f'{len(neurons.channels)} {layer} neurons (best checkpoint, epoch {epoch})')
-  figures = {'guided_bp/guided_backprop': figures_lib.neuron_figure(
-      image, result.maps[method], neurons, result.boxes, layer=layer, method=method,
-      path=os.path.join(out_dir, 'guided_backprop.png'), title=title)}
-  if len(result.maps) > 1:
-    side_by_side = {m: result.maps[m] for m in ('vanilla', 'deconvnet', 'guided')}
-    figures['guided_bp/comparison'] = figures_lib.comparison_figure(
-        image, side_by_side, neurons, result.boxes, layer=layer,
-        path=os.path.join(out_dir, 'comparison.png'))
-  arrays = dict(
-      maps=result.maps[method], method=method, layer=layer, image=image, image_path=image_path,
-      channels=neurons.channels, rows=neurons.rows, cols=neurons.cols,
-      activations=neurons.values, receptive_fields=result.boxes,
-      **{f'maps_{m}': v for m, v in result.maps.items()})
-  gcam = result.grad_cam
-  if gcam is not None:
-    figures['guided_bp/guided_gradcam'] = figures_lib.grad_cam_figure(
-        image, gcam, class_name=class_names[gcam.class_index],
-        path=os.path.join(out_dir, 'guided_gradcam.png'))
-    arrays.update(predicted_class=gcam.class_index, probabilities=gcam.probabilities,
-                  grad_cam=gcam.cam, guided_grad_cam=gcam.guided_grad_cam,
-                  guided_class_map=gcam.class_map)
-  else:
+  subject = _Subject(image, image_path, title)
+  figures = _draw_figures(result, subject, class_names, config, out_dir)
+  if result.grad_cam is None:
     print(f'guided Grad-CAM skipped: it needs guided backprop, which is defined for ReLU only '
           f'(activation={model.activation!r})')
-  np.savez_compressed(os.path.join(out_dir, 'guided_backprop.npz'), **arrays)
-
+  _save_arrays(result, subject, config, out_dir)
   writer = metrics_writer.MetricsWriter(config, workdir)
   try:
     writer.log_images(figures)
   finally:
     writer.close()
+  _print_neurons(result, class_names, layer)
+  print(f'{method} backprop of {image_path}: wrote {out_dir}/ in {time.time() - t0:.1f} s')
+  return 0
+
+
+class _Subject(NamedTuple):
+  """The explained test image, its file and the title its figures carry."""
+  image: np.ndarray
+  path: str
+  title: str
+
+
+def _draw_figures(result: Explanation, subject: _Subject, class_names: list[str], config,
+                  out_dir: str) -> dict[str, str]:
+  """The PNGs of one explanation; returns {W&B key: path}."""
+  image, method, layer = subject.image, config.guided_bp_method, config.guided_bp_layer
+  neurons = result.neurons
+  figures = {'guided_bp/guided_backprop': figures_lib.neuron_figure(
+      image, result.maps[method], neurons, result.boxes, layer=layer, method=method,
+      path=os.path.join(out_dir, 'guided_backprop.png'), title=subject.title)}
+  if len(result.maps) > 1:
+    side_by_side = {m: result.maps[m] for m in ('vanilla', 'deconvnet', 'guided')}
+    figures['guided_bp/comparison'] = figures_lib.comparison_figure(
+        image, side_by_side, neurons, result.boxes, layer=layer,
+        path=os.path.join(out_dir, 'comparison.png'))
+  gcam = result.grad_cam
+  if gcam is not None:
+    figures['guided_bp/guided_gradcam'] = figures_lib.grad_cam_figure(
+        image, gcam, class_name=class_names[gcam.class_index],
+        path=os.path.join(out_dir, 'guided_gradcam.png'))
+  return figures
+
+
+def _save_arrays(result: Explanation, subject: _Subject, config, out_dir: str) -> None:
+  """guided_backprop.npz: every map, the neurons and, for ReLU models, the Grad-CAM arrays."""
+  method, neurons = config.guided_bp_method, result.neurons
+  arrays = dict(
+      maps=result.maps[method], method=method, layer=config.guided_bp_layer,
+      image=subject.image, image_path=subject.path,
+      channels=neurons.channels, rows=neurons.rows, cols=neurons.cols,
+      activations=neurons.values, receptive_fields=result.boxes,
+      **{f'maps_{m}': v for m, v in result.maps.items()})
+  gcam = result.grad_cam
+  if gcam is not None:
+    arrays.update(predicted_class=gcam.class_index, probabilities=gcam.probabilities,
+                  grad_cam=gcam.cam, guided_grad_cam=gcam.guided_grad_cam,
+                  guided_class_map=gcam.class_map)
+  np.savez_compressed(os.path.join(out_dir, 'guided_backprop.npz'), **arrays)
+
+
+def _print_neurons(result: Explanation, class_names: list[str], layer: str) -> None:
+  neurons, gcam = result.neurons, result.grad_cam
   for c, r, col, v in zip(neurons.channels, neurons.rows, neurons.cols, neurons.values):
     print(f'{layer} channel {int(c):4d} at ({int(r)}, {int(col)}): activation {float(v):.4g}')
   if gcam is not None:
     print(f'predicted {class_names[gcam.class_index]} '
           f'({float(gcam.probabilities[gcam.class_index]):.1%})')
-  print(f'{method} backprop of {image_path}: wrote {out_dir}/ in {time.time() - t0:.1f} s')
-  return 0

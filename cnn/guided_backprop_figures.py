@@ -54,7 +54,8 @@ def _off(ax):
   ax.set_yticks([])
 
 
-def neuron_figure(image: np.ndarray, maps: np.ndarray, neurons, boxes: np.ndarray, *,
+# PLR0913: public call fixed by tests/test_guided_backprop.py (layer=, method=, path=).
+def neuron_figure(image: np.ndarray, maps: np.ndarray, neurons, boxes: np.ndarray, *,  # noqa: PLR0913
                   layer: str, method: str, path: str, title: str = '') -> str:
   """The input on top, then one row per neuron: its map, the map over its field, the input there.
 
@@ -92,7 +93,8 @@ def neuron_figure(image: np.ndarray, maps: np.ndarray, neurons, boxes: np.ndarra
   return figures.save(fig, path, **_SAVEFIG)
 
 
-def comparison_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], neurons,
+# PLR0913: public call fixed by tests/test_guided_backprop.py (layer=, path=).
+def comparison_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], neurons,  # noqa: PLR0913
                       boxes: np.ndarray, *, layer: str, path: str) -> str:
   """One row per neuron: the input over its receptive field, then each rule's map there.
 

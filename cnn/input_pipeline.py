@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 import warnings
 
 from absl import logging
@@ -111,7 +111,8 @@ def discover(data_dir: str) -> tuple[dict[str, FileList], list[str]]:
   root = pathlib.Path(data_dir)
   if not root.is_dir():
     raise DatasetError(f'data_dir {data_dir!r} does not exist. Put the data there (it must hold '
-                       'train/<class>/ and val/<class>/) or point at it with --config.data_dir=PATH')
+                       'train/<class>/ and val/<class>/) or point at it with '
+                       '--config.data_dir=PATH')
   for split in SPLITS:
     if not (root / split).is_dir():
       raise DatasetError(f'{root / split} is missing: data_dir must hold train/<class>/ and '
@@ -329,7 +330,8 @@ def _import_tensorflow() -> None:
     tf.config.set_visible_devices([], 'GPU')
 
 
-def cache_builder(splits: dict[str, FileList], class_names: list[str], image_size: int,
+# PLR0913: public call fixed by tests/test_input_pipeline.py (six positional arguments).
+def cache_builder(splits: dict[str, FileList], class_names: list[str], image_size: int,  # noqa: PLR0913
                   name: str, root: pathlib.Path, version: str = _VERSION, **kwargs):
   """The TFDS builder of one cache (`version` 2.0.0 reads, or with file_format writes, old ones)."""
   if version == _VERSION:
@@ -410,16 +412,16 @@ def _why(path: str, reasons: dict[str, str], image_size: int) -> str:
 
 
 def _check_every_class_readable(files: FileList, kept: np.ndarray, class_names: list[str],
-                                folder: pathlib.Path, reasons: dict[str, str],
-                                image_size: int) -> None:
-  """DatasetError for a class none of whose files in this split decoded."""
+                                folder: pathlib.Path, why: Callable[[str], str]) -> None:
+  """DatasetError for a class none of whose files in this split decoded; `why(path)` says why
+  a file did not."""
   labels = np.asarray(files.labels)
   readable = np.bincount(labels[kept], minlength=len(class_names))
   for c in np.flatnonzero(readable == 0):
     bad = [p for p, y in zip(files.paths, files.labels) if y == c]
     raise DatasetError(
         f'class folder {folder / class_names[c]} has no readable images: all {len(bad)} of its '
-        f'image files failed to decode (first: {_why(bad[0], reasons, image_size)}); replace '
+        f'image files failed to decode (first: {why(bad[0])}); replace '
         'them, or remove the class folder from both splits')
 
 
@@ -443,9 +445,10 @@ def load_dataset(config) -> Dataset:
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})
   _warn_unreadable(skipped, builder.reasons, config.image_size)
+  why = lambda path: _why(path, builder.reasons, config.image_size)
   for split, files, kept in (('train', train_files, train_idx), ('val', test_files, test_idx)):
     _check_every_class_readable(files, kept, class_names, pathlib.Path(config.data_dir) / split,
-                                builder.reasons, config.image_size)
+                                why)
   labels = np.asarray(train_files.labels, np.int32)[train_idx]
   keep, held = holdout_split(labels, config.holdout_fraction, config.seed)
   return Dataset(
@@ -462,7 +465,8 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,
+# PLR0913: public call fixed by tests/test_input_pipeline.py and cnn/train.py (seed=, epoch=).
+def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,  # noqa: PLR0913
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Full shuffled batches of one epoch from batch `start` on; the remainder waits a reshuffle."""
   for idx in batch_indices(len(labels), batch_size, seed, epoch, start):

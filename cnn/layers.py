@@ -22,8 +22,9 @@ slower there.
 `BatchNormReluPool`: a training-mode block of `nn.BatchNorm` -> ReLU -> 2x2 max pool in one
 `jax.custom_vjp` with the variables of `nn.BatchNorm`, which absorbs the conv bias. Autodiff of
 the three ops reads and writes the full-size activation about ten times, and they were 20-30%
-of the step; this block reads it four times and writes it once (dx). `max_pool_2x2` is the pool alone, for models without
-batch norm. Both give the window's first maximum its whole gradient, as `nn.max_pool` does.
+of the step; this block reads it four times and writes it once (dx). `max_pool_2x2` is the pool
+alone, for models without batch norm. Both give the window's first maximum its whole gradient,
+as `nn.max_pool` does.
 With the block, the optimal model's train step went from 46-50 to 62-70 images/s at 128 px and
 from 11.3 to 16.5 at 256 px (same machine, side by side).
 """

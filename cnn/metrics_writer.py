@@ -36,7 +36,8 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def format_epoch(epoch: int, num_epochs: int, m: dict[str, float]) -> str:
-  return (f'epoch {epoch:3d}/{num_epochs}  train loss {m["train_loss"]:.4f} acc {m["train_acc"]:.4f}'
+  return (f'epoch {epoch:3d}/{num_epochs}'
+          f'  train loss {m["train_loss"]:.4f} acc {m["train_acc"]:.4f}'
           f'  |  val loss {m["val_loss"]:.4f} acc {m["val_acc"]:.4f}'
           f'  |  {m["images_per_second"]:7.1f} img/s  {m["epoch_time_s"]:6.1f} s')
 

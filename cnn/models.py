@@ -130,7 +130,7 @@ def init_variables(model: CNN, image_size: int, rng: jax.Array) -> dict:
 
 
 def block_output(model: CNN, variables: dict, images: jax.Array, layer: str) -> jax.Array:
-  """Post-activation output of conv block `layer` ('conv1'..'convN'), (B, H', W', C), inference mode.
+  """Post-activation output of conv block `layer` ('conv1'..'convN'), (B, H', W', C), eval mode.
 
   Differentiable with respect to `images`, through whatever activation `model` uses.
   """
@@ -138,7 +138,8 @@ def block_output(model: CNN, variables: dict, images: jax.Array, layer: str) -> 
   try:
     return state['intermediates'][f'{layer}_act'][0]
   except KeyError:
-    raise ValueError(f'no conv block {layer!r}; the model has conv1..conv{len(model.filters)}') from None
+    raise ValueError(
+        f'no conv block {layer!r}; the model has conv1..conv{len(model.filters)}') from None
 
 
 def log_probabilities(model: CNN, variables: dict, images: jax.Array,

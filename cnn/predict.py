@@ -86,7 +86,8 @@ def _readable(message: str) -> str:
   return re.sub(r'\s*\[Op:[^\]]*\][^)]*', '', message)
 
 
-def predict_files(model: models.CNN, variables: dict, class_names: list[str],
+# PLR0913: public call fixed by tests/test_predict.py and tests/test_old_workdirs.py.
+def predict_files(model: models.CNN, variables: dict, class_names: list[str],  # noqa: PLR0913
                   paths: Sequence[str], image_size: int, batch_size: int = 64,
                   top_k: int = 3, tta_flip: bool = False) -> list[Prediction]:
   """Top-k classes of each file, in order; an unreadable file gets its error, not an exception."""

@@ -53,52 +53,67 @@ def _to_python(value: Any) -> Any:
   return value
 
 
+def _to_bool(value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.lower() in ('true', 'false'):
+    return value.lower() == 'true'
+  if isinstance(value, int) and value in (0, 1):
+    return bool(value)
+  raise ValueError
+
+
+def _to_int(value: Any) -> int:
+  # bool is an int subclass, but True for kernel_size is a mistake, not a 1.
+  if isinstance(value, bool):
+    raise ValueError
+  if isinstance(value, int):
+    return value
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, str):
+    return int(value)
+  raise ValueError
+
+
+def _to_float(value: Any) -> float:
+  if isinstance(value, bool):
+    raise ValueError
+  if isinstance(value, (int, float, str)):
+    return float(value)
+  raise ValueError
+
+
+def _to_str(value: Any) -> str:
+  if isinstance(value, str):
+    return value
+  raise ValueError
+
+
+def _to_tuple(value: Any) -> tuple:
+  if isinstance(value, (list, tuple)):
+    return tuple(value)
+  raise ValueError
+
+
+# Field type -> converter that raises ValueError for a value that does not fit. bool comes
+# before int because isinstance(True, int).
+_CONVERTERS = ((bool, _to_bool), (int, _to_int), (float, _to_float), (str, _to_str),
+               (tuple, _to_tuple))
+
+
 def _coerce(name: str, value: Any, current: Any) -> Any:
   """`value` converted to the type of the config field's `current` value, or SweepError."""
   value = _to_python(value)
-  fail = SweepError(f'sweep parameter {name}={value!r} ({type(value).__name__}) does not fit the '
-                    f'config field {name}, which holds a {type(current).__name__} '
-                    f'(now {current!r})')
-  if isinstance(current, bool):
-    if isinstance(value, bool):
-      return value
-    if isinstance(value, str) and value.lower() in ('true', 'false'):
-      return value.lower() == 'true'
-    if isinstance(value, int) and value in (0, 1):
-      return bool(value)
-    raise fail
-  if isinstance(current, int):
-    if isinstance(value, bool):
-      raise fail
-    if isinstance(value, int):
-      return value
-    if isinstance(value, float) and value.is_integer():
-      return int(value)
-    if isinstance(value, str):
+  for field_type, convert in _CONVERTERS:
+    if isinstance(current, field_type):
       try:
-        return int(value)
+        return convert(value)
       except ValueError:
-        raise fail from None
-    raise fail
-  if isinstance(current, float):
-    if isinstance(value, bool):
-      raise fail
-    if isinstance(value, (int, float)):
-      return float(value)
-    if isinstance(value, str):
-      try:
-        return float(value)
-      except ValueError:
-        raise fail from None
-    raise fail
-  if isinstance(current, str):
-    if isinstance(value, str):
-      return value
-    raise fail
-  if isinstance(current, tuple):
-    if isinstance(value, (list, tuple)):
-      return tuple(value)
-    raise fail
+        raise SweepError(
+            f'sweep parameter {name}={value!r} ({type(value).__name__}) does not fit the '
+            f'config field {name}, which holds a {type(current).__name__} '
+            f'(now {current!r})') from None
   return value
 
 
@@ -563,7 +578,8 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
       return None
     extra = [k for k, p in spec['parameters'].items()
              if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
-    name = _unique_name(workdir, config_lib.hyperparameter_name(apply_sweep_params(base, params), extra))
+    run_config = apply_sweep_params(base, params)
+    name = _unique_name(workdir, config_lib.hyperparameter_name(run_config, extra))
     claim = {'run': name, 'index': index, 'params': params, 'created': _now()}
     os.makedirs(sweep_files.run_dir(workdir, name))
     stack.enter_context(_locked(sweep_files.run_lock_path(workdir, name)))
@@ -578,7 +594,8 @@ def _append_result(workdir: str, record: dict) -> None:
       f.write(json.dumps(_to_python(record), default=str) + '\n')
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,
+# PLR0913: public call fixed by main.py and tests/test_sweep.py (five keyword arguments).
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,  # noqa: PLR0913
               sweep_count: int, overrides: Sequence[str] | None = None,
               train_fn: TrainFn | None = None, report: bool = True) -> list[dict]:
   """Runs the sweep of `sweep_config_path` offline in `workdir` until it holds `sweep_count`

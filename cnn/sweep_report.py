@@ -188,7 +188,7 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
   xs = np.arange(len(axes))
   for y, a in zip(ys, acc):
     ax.plot(xs, y, color=cmap(norm(a)), alpha=0.85, linewidth=1.5)
-  for x, p, (tick_pos, tick_labels) in zip(xs, axes, ticks):
+  for x, (tick_pos, tick_labels) in zip(xs, ticks):
     ax.axvline(x, color='0.3', linewidth=1)
     for tp, tl in zip(tick_pos, tick_labels):
       ax.text(x - 0.04, tp, tl, ha='right', va='center', fontsize=8,

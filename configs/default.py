@@ -6,7 +6,8 @@ Override any field on the command line: `--config.image_size=96`.
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+# PLR0915: a flat list of every field and its default, by design; splitting it hides fields.
+def get_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
   c = ml_collections.ConfigDict()
 
   # Data.
@@ -59,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 50
   c.early_stopping_patience = 5  # epochs without a better val accuracy before stopping; 0 = off
   c.early_stopping_min_epochs = 0  # never stop for patience before this many epochs
-  c.early_stopping_smoothing = 0.0  # choose and stop on an EMA of val accuracy (this factor); 0 = raw
+  # Choose and stop on an EMA of val accuracy (this factor); 0 = raw.
+  c.early_stopping_smoothing = 0.0
   c.seed = 0  # one seed drives init, hold-out split, shuffling, dropout and augmentation
 
   # Validation: what the eval-mode (running-statistics) model is scored with.
@@ -69,11 +71,14 @@ def get_config() -> ml_collections.ConfigDict:
   # which lags by ~1/(1 - bn_momentum) steps).
   c.bn_stats = 'precise'
   c.precise_bn_images = 192  # a fixed, seeded set of training images (whole batches of batch_size)
-  c.tta_flip = False  # average each image's prediction with its mirror's: validation, evaluate, predict
-  c.bn_gap_images = 0  # diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images
+  # Average each image's prediction with its mirror's: validation, evaluate, predict.
+  c.tta_flip = False
+  # Diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images.
+  c.bn_gap_images = 0
 
   # Logging and checkpoints.
-  c.wandb_mode = ''  # online, offline or disabled; '' = online if W&B credentials exist, else offline
+  # online, offline or disabled; '' = online if W&B credentials exist, else offline.
+  c.wandb_mode = ''
   c.wandb_project = 'inaturalist-cnn'
   c.wandb_entity = ''  # '' = your default entity
   c.run_name = ''  # '' = named after the hyperparameters, as the reference did

@@ -8,10 +8,17 @@ import multiprocessing
 import os
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 # (size, batch_size, conv_impl) -> (step, first_call_s): see experiments.bench_measure.
 Builder = Callable[[int, int, str], tuple[Callable[[], None], float]]
+
+
+class StepSetup(NamedTuple):
+  """What every framework's train step is built for, in the order a Builder takes them."""
+  size: int
+  batch_size: int
+  conv_impl: str = 'auto'
 
 
 MALLOC_ENV = {
@@ -22,10 +29,10 @@ MALLOC_ENV = {
 }
 
 
-def _step_worker(build: Builder, size: int, batch_size: int, conv_impl: str, conn) -> None:
+def _step_worker(build: Builder, setup: StepSetup, conn) -> None:
   """Builds one framework's step, reports its first-call time, then runs steps on request."""
   try:
-    step, first_s = build(size, batch_size, conv_impl)
+    step, first_s = build(*setup)
     t = time.perf_counter()
     step()  # one more, so that lazy set-up after the first step is not timed either
     conn.send({'first_s': first_s, 'second_s': time.perf_counter() - t})
@@ -64,24 +71,13 @@ def _start(ctx, env: dict[str, str], target, args):
   return proc, parent
 
 
-def time_train_steps(builders: Mapping[str, Builder], size: int, batch_size: int, rounds: int,
-                     steps_per_round: int, malloc: str = 'system',
-                     conv_impl: str = 'auto') -> dict[str, dict[str, Any]]:
+def time_train_steps(builders: Mapping[str, Builder], setup: StepSetup, rounds: int,
+                     steps_per_round: int, malloc: str = 'system') -> dict[str, dict[str, Any]]:
   """Per framework (a key of `builders`): first-call (compile) time and median step time over
   interleaved rounds."""
-  ctx, workers, results = _ctx(), {}, {}
+  workers, results = {}, {}
   try:
-    for fw, build in builders.items():  # built one after another: no compile runs beside another
-      proc, parent = _start(ctx, MALLOC_ENV[malloc], _step_worker,
-                            (build, size, batch_size, conv_impl))
-      msg = parent.recv()
-      if 'error' in msg:
-        results[fw] = {'error': msg['error']}
-        proc.join()
-        continue
-      workers[fw] = (proc, parent)
-      results[fw] = {'first_step_s': msg['first_s'], 'wall_s': [], 'cpu_s': []}
-      print(f'  {size}px {fw} ({malloc} malloc): first step {msg["first_s"]:.1f} s', flush=True)
+    _start_step_workers(builders, setup, malloc, workers, results)
     for _ in range(rounds):
       for fw, (_, conn) in workers.items():
         conn.send(steps_per_round)
@@ -89,24 +85,47 @@ def time_train_steps(builders: Mapping[str, Builder], size: int, batch_size: int
           results[fw]['wall_s'].append(wall)
           results[fw]['cpu_s'].append(cpu)
   finally:
-    for proc, conn in workers.values():
-      try:
-        conn.send(None)
-      except (BrokenPipeError, OSError):
-        pass
-      proc.join(timeout=30)
-      if proc.is_alive():
-        proc.kill()
-  for fw, r in results.items():
-    if 'error' in r:
-      continue
-    med = statistics.median(r['wall_s'])
-    r.update(median_step_s=med, min_step_s=min(r['wall_s']),
-             median_cpu_s=statistics.median(r['cpu_s']), images_per_s=batch_size / med,
-             compile_s=max(0.0, r['first_step_s'] - med))
+    _stop_workers(workers.values())
+  for r in results.values():
+    if 'error' not in r:
+      _summarize_steps(r, setup.batch_size)
   return results
 
 
+def _start_step_workers(builders: Mapping[str, Builder], setup: StepSetup, malloc: str,
+                        workers: dict, results: dict) -> None:
+  """Fills `workers` and `results` as it goes, so that the caller stops the ones started even
+  when a later start fails."""
+  ctx = _ctx()
+  for fw, build in builders.items():  # built one after another: no compile runs beside another
+    proc, parent = _start(ctx, MALLOC_ENV[malloc], _step_worker, (build, setup))
+    msg = parent.recv()
+    if 'error' in msg:
+      results[fw] = {'error': msg['error']}
+      proc.join()
+      continue
+    workers[fw] = (proc, parent)
+    results[fw] = {'first_step_s': msg['first_s'], 'wall_s': [], 'cpu_s': []}
+    print(f'  {setup.size}px {fw} ({malloc} malloc): first step {msg["first_s"]:.1f} s',
+          flush=True)
+
+
+def _stop_workers(workers) -> None:
+  for proc, conn in workers:
+    try:
+      conn.send(None)
+    except (BrokenPipeError, OSError):
+      pass
+    proc.join(timeout=30)
+    if proc.is_alive():
+      proc.kill()
+
+
+def _summarize_steps(r: dict, batch_size: int) -> None:
+  med = statistics.median(r['wall_s'])
+  r.update(median_step_s=med, min_step_s=min(r['wall_s']),
+           median_cpu_s=statistics.median(r['cpu_s']), images_per_s=batch_size / med,
+           compile_s=max(0.0, r['first_step_s'] - med))
 
 
 def run_in_process(fn: Callable[..., dict], malloc: str, *args) -> dict:

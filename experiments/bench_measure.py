@@ -8,7 +8,7 @@ import os
 import pathlib
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 FILTERS, KERNEL, DENSE, CLASSES, DROPOUT, LR = 64, 3, 128, 10, 0.2, 1e-3
 
@@ -219,10 +219,18 @@ def keras_pipeline(data_dir: str, size: int, batch_size: int, epochs: int = 7) -
           'fastest_images_per_s': max(per_epoch), 'epoch_images_per_s': per_epoch}
 
 
-def ours_e2e(data_dir: str, size: int, batch_size: int, epochs: int, workdir: str,
-             cache_dir: str, conv_impl: str) -> dict:
+class E2ERun(NamedTuple):
+  """The run both end-to-end measurements make, in keras_e2e's argument order."""
+  data_dir: str
+  size: int
+  batch_size: int
+  epochs: int
+
+
+def ours_e2e(run: E2ERun, workdir: str, cache_dir: str, conv_impl: str) -> dict:
   """cnn.train.train_and_evaluate with the optimal config, from an empty image cache."""
   from cnn import train  # pylint: disable=g-import-not-at-top
+  data_dir, size, batch_size, epochs = run
   config = _ours_config(size, batch_size, conv_impl, data_aug=True)
   config.data_dir, config.cache_dir, config.num_epochs = data_dir, cache_dir, epochs
   config.wandb_mode, config.early_stopping_patience, config.download = 'disabled', 0, False

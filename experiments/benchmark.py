@@ -120,8 +120,9 @@ def _train_step_part(out: dict, parts: set[str], frameworks: list[str]) -> None:
     detail = by_malloc[malloc] = {}
     for size in (int(s) for s in _SIZES.value):
       print(f'train step at {size}px, {malloc} malloc ...', flush=True)
+      setup = bench_harness.StepSetup(size, _BATCH.value, _CONV_IMPL.value)
       detail[str(size)] = bench_harness.time_train_steps(
-          builders, size, _BATCH.value, _ROUNDS.value, _STEPS.value, malloc, _CONV_IMPL.value)
+          builders, setup, _ROUNDS.value, _STEPS.value, malloc)
   detail = by_malloc[_MALLOC.value[0]]  # the headline figures: the first allocator's
   pick = lambda d, key: {s: {fw: r.get(key) for fw, r in x.items()} for s, x in d.items()}
   if 'train_step' in parts:
@@ -170,9 +171,10 @@ def _e2e_part(tmp: str) -> dict | None:
     return None
   print('end to end ...', flush=True)
   size, epochs = _E2E_SIZE.value, _E2E_EPOCHS.value
-  ours = _in_process(bench_measure.ours_e2e, _DATA_DIR.value, size, _BATCH.value, epochs,
-                      os.path.join(tmp, 'run'), os.path.join(tmp, 'cache'), _CONV_IMPL.value)
-  keras_ref = _in_process(bench_measure.keras_e2e, _DATA_DIR.value, size, _BATCH.value, epochs)
+  run = bench_measure.E2ERun(_DATA_DIR.value, size, _BATCH.value, epochs)
+  ours = _in_process(bench_measure.ours_e2e, run, os.path.join(tmp, 'run'),
+                      os.path.join(tmp, 'cache'), _CONV_IMPL.value)
+  keras_ref = _in_process(bench_measure.keras_e2e, *run)
   ratio = lambda key: (keras_ref[key] / ours[key]
                        if ours.get(key) and keras_ref.get(key) else None)
   for r in (ours, keras_ref):
