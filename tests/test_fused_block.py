@@ -22,7 +22,10 @@ def _tied(key, shape):
   return jnp.round(jax.random.normal(key, shape) * 2) / 2
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _vjp(f, primals, cotangent):
+  # Jitted: one compiled program per function and shape, where op by op each of the blocks'
+  # many small ops compiles on its own.
   out, pull = jax.vjp(f, *primals)
   return out, pull(cotangent)
 
@@ -63,19 +66,19 @@ def test_fused_block_matches_batch_norm_relu_max_pool_values_stats_and_gradients
   shift = jax.random.normal(k[1], (c,))  # the conv bias the block absorbs
   scale = jax.random.normal(k[2], (c,))  # some negative: the window minimum of x wins there
   bias = jax.random.normal(k[3], (c,))
-  out, out_ref = _fused_block(x, shift, scale, bias), _reference_block(x, shift, scale, bias)
+  # Random cotangents for the output and for both running statistics (which a training step
+  # never differentiates, but the block must get right all the same).
+  out_shape = jax.eval_shape(_reference_block, x, shift, scale, bias)[0].shape
+  cot = (jax.random.normal(k[4], out_shape),
+         {'mean': jax.random.normal(k[5], (c,)), 'var': jax.random.normal(k[5], (c,)) * 0.5})
+  out, grads = _vjp(_fused_block, (x, shift, scale, bias), cot)
+  out_ref, grads_ref = _vjp(_reference_block, (x, shift, scale, bias), cot)
   # Both use the one-pass variance E[x^2] - E[x]^2, whose float32 rounding grows with the mean;
   # the reference's mean includes the shift, the block's does not: ~1e-4 relative apart.
   tol = dict(rtol=3e-4, atol=3e-4)
   np.testing.assert_allclose(out[0], out_ref[0], **tol)
   for name in ('mean', 'var'):
     np.testing.assert_allclose(out[1][name], out_ref[1][name], **tol)
-  # Random cotangents for the output and for both running statistics (which a training step
-  # never differentiates, but the block must get right all the same).
-  cot = (jax.random.normal(k[4], out_ref[0].shape),
-         {'mean': jax.random.normal(k[5], (c,)), 'var': jax.random.normal(k[5], (c,)) * 0.5})
-  _, grads = _vjp(_fused_block, (x, shift, scale, bias), cot)
-  _, grads_ref = _vjp(_reference_block, (x, shift, scale, bias), cot)
   for i, name in ((0, 'x'), (2, 'scale'), (3, 'bias')):
     a, b = grads[i], grads_ref[i]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()), err_msg=name)
