@@ -8,6 +8,11 @@ from cnn import models
 from configs import default, optimal
 
 
+def _uniform(seed, shape):
+  # NumPy's generator: jax.random compiles a threefry program per shape, seconds on XLA:CPU.
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
 def _counts(config, image_size, num_classes=10):
   model = models.create_model(config, num_classes)
   v = jax.eval_shape(lambda: models.init_variables(model, image_size, jax.random.PRNGKey(0)))
@@ -49,7 +54,7 @@ def test_output_shape_and_intermediates():
 
 
 def test_max_pool_equals_flax_max_pool_on_odd_sizes():
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 9, 3)), jnp.float32)
   np.testing.assert_array_equal(models.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID'))
 
@@ -59,7 +64,7 @@ def test_activation_is_selectable_by_name():
   # weights for all (the activation has none) shows that the name alone changes the output.
   c = default.get_config()
   c.first_layer_filters, c.conv_layers, c.image_size = 4, 2, 16
-  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 3))
+  x = _uniform(2, (2, 16, 16, 3))
   v = models.init_variables(models.create_model(c, 10), 16, jax.random.PRNGKey(0))
   outs = {}
   for name in ('relu', 'gelu', 'silu', 'elu', 'leaky_relu', 'mish'):
@@ -85,7 +90,7 @@ def test_cpu_eigen_convolutions_are_a_drop_in_for_nn_conv(size, padding, kernel,
   # Its structure only, traced: compiling an init (JAX's RNG) takes seconds on XLA:CPU.
   v_fast = jax.eval_shape(lambda: models.init_variables(fast, size, jax.random.PRNGKey(0)))
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_fast)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, 3))
+  x = _uniform(1, (2, size, size, 3))
 
   # One compiled program per model for its logits and gradients (op by op, the custom layers'
   # many small ops each compile on their own).
