@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import struct
+import sys
 import time
 
 import numpy as np
@@ -35,16 +36,16 @@ def pytest_configure(config):
       base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
       cache_dir = os.path.join(base, 'inat_cnn_tests', 'jax_compilation_cache')
   os.makedirs(cache_dir, exist_ok=True)
-  # Every program, however quick to compile: the suite is thousands of small ones. The
-  # environment variables reach the subprocesses tests start (and jax, if not yet imported).
+  # Every program, however quick to compile: the suite is thousands of small ones. jax reads
+  # the environment variables when imported, here and in the subprocesses tests start.
   settings = {'jax_compilation_cache_dir': cache_dir,
               'jax_persistent_cache_min_compile_time_secs': 0.0,
               'jax_persistent_cache_min_entry_size_bytes': -1}
   for name, value in settings.items():
     os.environ[name.upper()] = str(value)
-  import jax  # pylint: disable=g-import-not-at-top
-  for name, value in settings.items():
-    jax.config.update(name, value)
+  if 'jax' in sys.modules:  # imported already (by a plugin): too late for the environment
+    for name, value in settings.items():
+      sys.modules['jax'].config.update(name, value)
 
 
 def write_image_folder(root: pathlib.Path, per_class: dict[str, int], size: int = 40,
