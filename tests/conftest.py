@@ -1,19 +1,51 @@
-"""Shared fixtures: tiny generated image folders, the real photos when present, a tiny config."""
+"""Shared fixtures: tiny generated image folders, the real photos when present, a tiny config,
+one tiny trained run; a persistent JAX compilation cache; PNG-reading helpers for figure tests."""
 
 import glob
 import os
 import pathlib
+import shutil
 import struct
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import ndimage
 
 from configs import default
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 TINY_CLASSES = ('red', 'green', 'blue')
+
+
+def pytest_configure(config):
+  """A persistent JAX compilation cache for this run, its subprocesses and the next runs.
+
+  Most of the fast suite's time is XLA compiling the same small programs again in every run
+  (and in every `main.py` subprocess); cached executables load in milliseconds. The folder
+  lives in pytest's cache dir (per checkout, wiped by --cache-clear), or under the user cache
+  with -p no:cacheprovider; a JAX_COMPILATION_CACHE_DIR already set wins.
+  """
+  cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if not cache_dir:
+    if getattr(config, 'cache', None) is not None:
+      cache_dir = str(config.cache.mkdir('jax_compilation_cache'))
+    else:
+      base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+      cache_dir = os.path.join(base, 'inat_cnn_tests', 'jax_compilation_cache')
+  os.makedirs(cache_dir, exist_ok=True)
+  # Every program, however quick to compile: the suite is thousands of small ones. jax reads
+  # the environment variables when imported, here and in the subprocesses tests start.
+  settings = {'jax_compilation_cache_dir': cache_dir,
+              'jax_persistent_cache_min_compile_time_secs': 0.0,
+              'jax_persistent_cache_min_entry_size_bytes': -1}
+  for name, value in settings.items():
+    os.environ[name.upper()] = str(value)
+  if 'jax' in sys.modules:  # imported already (by a plugin): too late for the environment
+    for name, value in settings.items():
+      sys.modules['jax'].config.update(name, value)
 
 
 def write_image_folder(root: pathlib.Path, per_class: dict[str, int], size: int = 40,
@@ -45,11 +77,10 @@ def tiny_cache_dir(tmp_path_factory) -> pathlib.Path:
   return tmp_path_factory.mktemp('cache')
 
 
-@pytest.fixture
-def tiny_config(tiny_data_dir, tiny_cache_dir):
+def make_tiny_config(data_dir, cache_dir):
   c = default.get_config()
-  c.data_dir = str(tiny_data_dir)
-  c.cache_dir = str(tiny_cache_dir)
+  c.data_dir = str(data_dir)
+  c.cache_dir = str(cache_dir)
   c.download = False
   c.image_size = 32
   c.first_layer_filters = 4
@@ -61,6 +92,36 @@ def tiny_config(tiny_data_dir, tiny_cache_dir):
   c.num_epochs = 2
   c.wandb_mode = 'disabled'
   return c
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir, tiny_cache_dir):
+  return make_tiny_config(tiny_data_dir, tiny_cache_dir)
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> str:
+  """One tiny run trained on the three-colour folder, shared by evaluate, predict, guided_bp.
+
+  Read-only: a test that writes into a workdir (evaluate, guided_bp, W&B) works on
+  `copy_workdir(trained_workdir, ...)`. The config is tiny_config's, with batch norm (which
+  evaluation and guided backprop must run in inference mode) and filters (4, 12): 4 first-layer
+  filters keep evaluation's filter grids small; conv2 has more than the 10 neurons guided
+  backprop explains by default.
+  """
+  from cnn import train  # pylint: disable=g-import-not-at-top
+  c = make_tiny_config(tiny_data_dir, tiny_cache_dir)
+  c.batch_norm = True
+  c.filter_org = 3.0
+  c.guided_bp_layer = 'conv2'
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def copy_workdir(workdir, dest) -> str:
+  """A private copy of a trained workdir, for a test that writes into it."""
+  return str(shutil.copytree(workdir, dest))
 
 
 @pytest.fixture(scope='session')
@@ -132,3 +193,31 @@ def finished_wandb_records(run_dir, timeout: float = 90.0) -> list:
       return records
     assert time.time() < deadline, f'no finished .wandb file in {run_dir} after {timeout} s'
     time.sleep(0.2)
+
+
+# --- Reading figures back: the panels drawn in a PNG. -------------------------------------------
+
+def read_png(path) -> np.ndarray:
+  return np.asarray(Image.open(path).convert('RGB')).astype(int)
+
+
+def panels(mask: np.ndarray, min_side: int) -> list[tuple[slice, slice]]:
+  """Bounding boxes of the connected regions of `mask` at least min_side pixels on each side."""
+  labelled, _ = ndimage.label(mask)
+  boxes = ndimage.find_objects(labelled)
+  return [b for b in boxes
+          if b[0].stop - b[0].start >= min_side and b[1].stop - b[1].start >= min_side]
+
+
+def colour_mask(img: np.ndarray, hex_colour: str) -> np.ndarray:
+  rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+  return np.all(np.abs(img - rgb) <= 2, axis=-1)
+
+
+def distinct(starts: list[int], tol: int = 5) -> int:
+  """How many different positions (within tol pixels) a list of panel edges takes."""
+  out = []
+  for s in sorted(starts):
+    if not out or s - out[-1] > tol:
+      out.append(s)
+  return len(out)

@@ -14,22 +14,15 @@ from cnn import evaluate
 from cnn import figures
 from cnn import input_pipeline
 from cnn import models
-from cnn import train
 from tests import conftest
-from tests import test_figures
-
-_RUNS = {}  # data_dir -> (workdir, metrics): one training for the whole module
 
 
-@pytest.fixture
-def evaluated(tiny_config, tmp_path_factory):
-  if tiny_config.data_dir not in _RUNS:
-    workdir = str(tmp_path_factory.mktemp('run'))
-    train.train_and_evaluate(tiny_config, workdir)
-    config = checkpoints.load_run_config(workdir)
-    assert evaluate.run_evaluate(config, workdir, []) == 0
-    _RUNS[tiny_config.data_dir] = workdir
-  workdir = _RUNS[tiny_config.data_dir]
+@pytest.fixture(scope='module')
+def evaluated(trained_workdir, tmp_path_factory):
+  """The shared trained run, evaluated once for the module in a copy (evaluation writes)."""
+  workdir = conftest.copy_workdir(trained_workdir, tmp_path_factory.mktemp('eval') / 'run')
+  config = checkpoints.load_run_config(workdir)
+  assert evaluate.run_evaluate(config, workdir, []) == 0
   out = os.path.join(workdir, 'evaluation')
   return workdir, out, checkpoints.read_json(os.path.join(out, 'test_metrics.json'))
 
@@ -87,20 +80,20 @@ def test_figures_exist_with_the_expected_grids(evaluated):
       assert im.format == 'PNG' and min(im.size) >= 300
 
   pred = evaluate.read_predictions_csv(os.path.join(out, 'predictions.csv'))
-  img = test_figures.read_png(os.path.join(out, 'predictions_grid.png'))
+  img = conftest.read_png(os.path.join(out, 'predictions_grid.png'))
   # 3 classes -> 3 rows of 6; each class has exactly 6 test images, so all 18 are shown.
-  green = test_figures.panels(test_figures.colour_mask(img, figures.CORRECT), 100)
-  red = test_figures.panels(test_figures.colour_mask(img, figures.WRONG), 100)
+  green = conftest.panels(conftest.colour_mask(img, figures.CORRECT), 100)
+  red = conftest.panels(conftest.colour_mask(img, figures.WRONG), 100)
   right = int(np.sum(pred['true_label'] == pred['pred_label']))
   assert (len(green), len(red)) == (right, 18 - right)
-  assert test_figures.distinct([b[0].start for b in green + red]) == 3
-  assert test_figures.distinct([b[1].start for b in green + red]) == 6
+  assert conftest.distinct([b[0].start for b in green + red]) == 3
+  assert conftest.distinct([b[1].start for b in green + red]) == 6
 
   # 4 first-layer filters -> a 2 x 2 grid of kernels and of feature maps (+ the image).
-  img = test_figures.read_png(os.path.join(out, 'first_layer_filters.png'))
-  assert len(test_figures.panels(np.any(img < 245, axis=-1), 60)) == 4
-  img = test_figures.read_png(os.path.join(out, 'first_layer_activations.png'))
-  boxes = test_figures.panels(np.any(img < 245, axis=-1), 80)
+  img = conftest.read_png(os.path.join(out, 'first_layer_filters.png'))
+  assert len(conftest.panels(np.any(img < 245, axis=-1), 60)) == 4
+  img = conftest.read_png(os.path.join(out, 'first_layer_activations.png'))
+  boxes = conftest.panels(np.any(img < 245, axis=-1), 80)
   assert len(boxes) == 4 + 1
 
 
@@ -136,9 +129,9 @@ def test_compute_metrics_by_hand():
   assert json.loads(json.dumps(m)) == m  # plain JSON types only
 
 
-def test_figures_are_logged_to_wandb_offline(evaluated):
+def test_figures_are_logged_to_wandb_offline(evaluated, tmp_path):
   """With W&B on (offline here: no network), the four PNGs go into the run as images."""
-  workdir, _, _ = evaluated
+  workdir = conftest.copy_workdir(evaluated[0], tmp_path / 'run')  # written into below
   config = checkpoints.load_run_config(workdir)
   config.wandb_mode = 'offline'
   # The id a training run with W&B on leaves behind; evaluate resumes that run.

@@ -1,37 +1,10 @@
 """Figure layouts, and the PNGs read back: their size and the panels actually drawn in them."""
 
 import numpy as np
-from PIL import Image
 import pytest
-from scipy import ndimage
 
 from cnn import figures
-
-
-def read_png(path) -> np.ndarray:
-  return np.asarray(Image.open(path).convert('RGB')).astype(int)
-
-
-def panels(mask: np.ndarray, min_side: int) -> list[tuple[slice, slice]]:
-  """Bounding boxes of the connected regions of `mask` at least min_side pixels on each side."""
-  labelled, _ = ndimage.label(mask)
-  boxes = ndimage.find_objects(labelled)
-  return [b for b in boxes
-          if b[0].stop - b[0].start >= min_side and b[1].stop - b[1].start >= min_side]
-
-
-def colour_mask(img: np.ndarray, hex_colour: str) -> np.ndarray:
-  rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
-  return np.all(np.abs(img - rgb) <= 2, axis=-1)
-
-
-def distinct(starts: list[int], tol: int = 5) -> int:
-  """How many different positions (within tol pixels) a list of panel edges takes."""
-  out = []
-  for s in sorted(starts):
-    if not out or s - out[-1] > tol:
-      out.append(s)
-  return len(out)
+from tests.conftest import colour_mask, distinct, panels, read_png
 
 
 @pytest.mark.parametrize('n,expected', [(64, (8, 8)), (32, (4, 8)), (16, (4, 4)), (12, (3, 4)),

@@ -1,5 +1,7 @@
 """cnn.layers' pool and fused batch norm -> ReLU -> pool against the Flax ops they replace."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,20 +17,28 @@ def _flax_pool(x):
   return nn.max_pool(x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2], (2, 2), (2, 2))
 
 
-def _tied(key, shape):
+def _normal(seed, shape):
+  # NumPy's generator: jax.random compiles a threefry program per shape, seconds on XLA:CPU.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _tied(seed, shape):
   """Normal values rounded to halves: most 2x2 windows hold a tie, many a tied maximum."""
-  return jnp.round(jax.random.normal(key, shape) * 2) / 2
+  return jnp.round(_normal(seed, shape) * 2) / 2
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _vjp(f, primals, cotangent):
+  # Jitted: one compiled program per function and shape, where op by op each of the blocks'
+  # many small ops compiles on its own.
   out, pull = jax.vjp(f, *primals)
   return out, pull(cotangent)
 
 
 @pytest.mark.parametrize('shape', [(2, 7, 9, 3), (3, 8, 6, 5)])
 def test_max_pool_gradient_goes_to_the_first_maximum_as_in_nn_max_pool(shape):
-  x = _tied(jax.random.PRNGKey(0), shape)
-  g = jax.random.normal(jax.random.PRNGKey(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  x = _tied(0, shape)
+  g = _normal(1, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
   (y, (dx,)), (y_ref, (dx_ref,)) = _vjp(layers.max_pool_2x2, (x,), g), _vjp(_flax_pool, (x,), g)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(dx, dx_ref)
@@ -55,25 +65,24 @@ def _fused_block(x, shift, scale, bias):
 
 @pytest.mark.parametrize('shape', [(4, 7, 9, 5), (3, 30, 31, 16)])
 def test_fused_block_matches_batch_norm_relu_max_pool_values_stats_and_gradients(shape):
-  k = jax.random.split(jax.random.PRNGKey(shape[1]), 6)
+  k = [100 * shape[1] + i for i in range(6)]  # seeds
   c = shape[-1]
   x = _tied(k[0], shape) + 3.0  # a mean far from 0, as a conv output with bias can have
-  shift = jax.random.normal(k[1], (c,))  # the conv bias the block absorbs
-  scale = jax.random.normal(k[2], (c,))  # some negative: the window minimum of x wins there
-  bias = jax.random.normal(k[3], (c,))
-  out, out_ref = _fused_block(x, shift, scale, bias), _reference_block(x, shift, scale, bias)
+  shift = _normal(k[1], (c,))  # the conv bias the block absorbs
+  scale = _normal(k[2], (c,))  # some negative: the window minimum of x wins there
+  bias = _normal(k[3], (c,))
+  # Random cotangents for the output and for both running statistics (which a training step
+  # never differentiates, but the block must get right all the same).
+  out_shape = jax.eval_shape(_reference_block, x, shift, scale, bias)[0].shape
+  cot = (_normal(k[4], out_shape), {'mean': _normal(k[5], (c,)), 'var': _normal(k[5], (c,)) * 0.5})
+  out, grads = _vjp(_fused_block, (x, shift, scale, bias), cot)
+  out_ref, grads_ref = _vjp(_reference_block, (x, shift, scale, bias), cot)
   # Both use the one-pass variance E[x^2] - E[x]^2, whose float32 rounding grows with the mean;
   # the reference's mean includes the shift, the block's does not: ~1e-4 relative apart.
   tol = dict(rtol=3e-4, atol=3e-4)
   np.testing.assert_allclose(out[0], out_ref[0], **tol)
   for name in ('mean', 'var'):
     np.testing.assert_allclose(out[1][name], out_ref[1][name], **tol)
-  # Random cotangents for the output and for both running statistics (which a training step
-  # never differentiates, but the block must get right all the same).
-  cot = (jax.random.normal(k[4], out_ref[0].shape),
-         {'mean': jax.random.normal(k[5], (c,)), 'var': jax.random.normal(k[5], (c,)) * 0.5})
-  _, grads = _vjp(_fused_block, (x, shift, scale, bias), cot)
-  _, grads_ref = _vjp(_reference_block, (x, shift, scale, bias), cot)
   for i, name in ((0, 'x'), (2, 'scale'), (3, 'bias')):
     a, b = grads[i], grads_ref[i]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()), err_msg=name)
@@ -84,7 +93,7 @@ def test_fused_block_matches_batch_norm_relu_max_pool_values_stats_and_gradients
 
 def test_fused_block_in_bfloat16_matches_float32_within_bfloat16_precision():
   # Values bfloat16 holds exactly: both runs pick the same window winners.
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 8)).astype(jnp.bfloat16).astype(float)
+  x = _normal(0, (4, 12, 12, 8)).astype(jnp.bfloat16).astype(float)
   scale, bias = jnp.full((8,), 1.5), jnp.full((8,), 0.1)
   f = lambda x: layers.bn_relu_pool(x, scale, bias, 1e-3)[0].astype(jnp.float32)
   y16, (dx16,) = _vjp(f, (x.astype(jnp.bfloat16),), jnp.ones((4, 6, 6, 8)))
@@ -101,8 +110,9 @@ def _modules_called(model, variables, x, **kwargs):
     seen.add(type(context.module).__name__)
     return next_fun(*args, **kw)
 
+  # Which modules run is decided while tracing: shapes only, nothing compiled or computed.
   with nn.intercept_methods(record):
-    model.apply(variables, x, **kwargs)
+    jax.eval_shape(lambda v, x: model.apply(v, x, **kwargs), variables, x)
   return seen
 
 
@@ -112,19 +122,22 @@ def test_training_forward_and_gradients_of_the_fast_model_match_the_flax_model()
   fast = models.create_model(c, 10)  # the CPU default: cnn/layers.py
   plain = fast.clone(conv_impl='xla')
   v = models.init_variables(plain, 96, jax.random.PRNGKey(0))
-  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 96, 96, 3))
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 96, 96, 3)), jnp.float32)
   labels = jnp.arange(4)
   assert 'BatchNormReluPool' in _modules_called(fast, v, x, train=True, mutable=['batch_stats'])
   assert 'BatchNormReluPool' not in _modules_called(fast, v, x, train=False)
 
-  def loss(model):
+  # Jitted: one compiled program per model, where op by op each of the blocks' many small ops
+  # compiles on its own.
+  @functools.partial(jax.jit, static_argnums=0)
+  def loss(model, v, x, labels):
     def f(params):
       logits, upd = model.apply({**v, 'params': params}, x, train=True, mutable=['batch_stats'])
       return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, upd)
     return jax.value_and_grad(f, has_aux=True)(v['params'])
 
-  (l_fast, (logits_fast, upd_fast)), g_fast = loss(fast)
-  (l_plain, (logits_plain, upd_plain)), g_plain = loss(plain)
+  (l_fast, (logits_fast, upd_fast)), g_fast = loss(fast, v, x, labels)
+  (l_plain, (logits_plain, upd_plain)), g_plain = loss(plain, v, x, labels)
   np.testing.assert_allclose(logits_fast, logits_plain, rtol=1e-4, atol=1e-4)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          upd_fast, upd_plain)

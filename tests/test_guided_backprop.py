@@ -421,18 +421,19 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
-def test_run_guided_bp_on_a_trained_model(tiny_config, tmp_path):
+def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
   from cnn import checkpoints
   from cnn import config as config_lib
   from cnn import input_pipeline
-  from cnn import train
+  from tests import conftest
 
-  workdir = str(tmp_path / 'run')
-  tiny_config.first_layer_filters = 12  # conv2 then has more than the 10 neurons to choose from
-  tiny_config.batch_norm = True  # batch norm must run in inference mode
-  tiny_config.guided_bp_layer = 'conv2'
-  train.train_and_evaluate(tiny_config, workdir)
+  # The shared run (batch norm, which must run in inference mode; conv2 with 12 channels, more
+  # than the 10 neurons to choose from; guided_bp_layer conv2), copied: the mode writes into it.
+  workdir = conftest.copy_workdir(trained_workdir, tmp_path / 'run')
   config = checkpoints.load_run_config(workdir)  # what main.py hands the mode
+  assert config.batch_norm and config.guided_bp_layer == 'conv2'
+  assert models.create_model(config, 3).filters[1] > 10
+  data_dir = config.data_dir
   assert gb.run_guided_bp(config, workdir, []) == 0
 
   out = os.path.join(workdir, 'guided_bp')
@@ -450,7 +451,7 @@ def test_run_guided_bp_on_a_trained_model(tiny_config, tmp_path):
 
   # The image is the seeded test image, read as training reads it.
   path = str(res['image_path'])
-  assert os.path.dirname(os.path.dirname(path)) == os.path.join(tiny_config.data_dir, 'val')
+  assert os.path.dirname(os.path.dirname(path)) == os.path.join(data_dir, 'val')
   np.testing.assert_array_equal(res['image'], input_pipeline.read_image(path, 32))
 
   # The neurons are the 10 most active channels at their peaks, recomputed here from the
@@ -484,7 +485,7 @@ def test_run_guided_bp_on_a_trained_model(tiny_config, tmp_path):
   config.guided_bp_channels = (3, 0)
   config.guided_bp_method = 'deconvnet'
   config.guided_bp_image = sorted(
-      str(p) for p in pathlib.Path(tiny_config.data_dir).glob('train/*/*'))[0]
+      str(p) for p in pathlib.Path(data_dir).glob('train/*/*'))[0]
   assert gb.run_guided_bp(config, workdir, []) == 0
   res2 = _load(os.path.join(out, 'guided_backprop.npz'))
   np.testing.assert_array_equal(res2['channels'], [3, 0])

@@ -8,6 +8,11 @@ from cnn import models
 from configs import default, optimal
 
 
+def _uniform(seed, shape):
+  # NumPy's generator: jax.random compiles a threefry program per shape, seconds on XLA:CPU.
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
 def _counts(config, image_size, num_classes=10):
   model = models.create_model(config, num_classes)
   v = jax.eval_shape(lambda: models.init_variables(model, image_size, jax.random.PRNGKey(0)))
@@ -49,21 +54,24 @@ def test_output_shape_and_intermediates():
 
 
 def test_max_pool_equals_flax_max_pool_on_odd_sizes():
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 9, 3)), jnp.float32)
   np.testing.assert_array_equal(models.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID'))
 
 
 def test_activation_is_selectable_by_name():
+  # Two blocks at 16 px: the activation is applied the same way in every block, and one set of
+  # weights for all (the activation has none) shows that the name alone changes the output.
   c = default.get_config()
-  c.first_layer_filters, c.image_size = 4, 96
-  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 96, 96, 3))
+  c.first_layer_filters, c.conv_layers, c.image_size = 4, 2, 16
+  x = _uniform(2, (2, 16, 16, 3))
+  v = models.init_variables(models.create_model(c, 10), 16, jax.random.PRNGKey(0))
   outs = {}
   for name in ('relu', 'gelu', 'silu', 'elu', 'leaky_relu', 'mish'):
     c.activation = name
     model = models.create_model(c, 10)
-    v = models.init_variables(model, 96, jax.random.PRNGKey(0))
-    outs[name] = np.asarray(model.apply(v, x))
+    assert model.activation == name
+    outs[name] = np.asarray(jax.jit(model.apply)(v, x))
   assert len({o.tobytes() for o in outs.values()}) == len(outs)  # each really changes the net
   with pytest.raises(ValueError, match='unknown activation'):
     models.create_model(c.copy_and_resolve_references(), 10).clone(activation='swish2').apply(v, x)
@@ -79,14 +87,26 @@ def test_cpu_eigen_convolutions_are_a_drop_in_for_nn_conv(size, padding, kernel,
   fast = models.create_model(c, 10)
   plain = fast.clone(conv_impl='xla')
   v = models.init_variables(plain, size, jax.random.PRNGKey(0))
-  v_fast = models.init_variables(fast, size, jax.random.PRNGKey(0))
+  # Its structure only, traced: compiling an init (JAX's RNG) takes seconds on XLA:CPU.
+  v_fast = jax.eval_shape(lambda: models.init_variables(fast, size, jax.random.PRNGKey(0)))
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_fast)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, 3))
-  np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-4, atol=1e-4)
-  loss = lambda m: lambda p: m.apply({**v, 'params': p}, x).sum()
-  g_fast, g_plain = jax.grad(loss(fast))(v['params']), jax.grad(loss(plain))(v['params'])
+  x = _uniform(1, (2, size, size, 3))
+
+  # One compiled program per model for its logits and gradients (op by op, the custom layers'
+  # many small ops each compile on their own).
+  logits_and_grads = jax.jit(
+      lambda m, v, x: jax.value_and_grad(
+          lambda p: _sum_and_value(m.apply({**v, 'params': p}, x)), has_aux=True)(v['params']),
+      static_argnums=0)
+  (_, y_fast), g_fast = logits_and_grads(fast, v, x)
+  (_, y_plain), g_plain = logits_and_grads(plain, v, x)
+  np.testing.assert_allclose(y_fast, y_plain, rtol=1e-4, atol=1e-4)
   for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _sum_and_value(y):
+  return y.sum(), y
 
 
 def test_auto_conv_impl_is_the_fast_cpu_layers_on_cpu_and_xla_elsewhere(monkeypatch):

@@ -11,51 +11,80 @@ import pytest
 
 from cnn import checkpoints
 from cnn import train
+from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One subprocess (a forced 2-device CPU) trains every config it is given: the TensorFlow and
+# JAX imports and the data cache are paid once for all of them.
 _TRAIN = r'''
 import json, sys
 sys.path.insert(0, {root!r})
 import jax, ml_collections
 from cnn import train
+from tests import conftest
 assert jax.device_count() == {devices}, jax.devices()
-config = ml_collections.ConfigDict(json.loads({config!r}))
-train.train_and_evaluate(config, {workdir!r})
+for config, workdir in json.loads({runs!r}):
+  train.train_and_evaluate(ml_collections.ConfigDict(config), workdir)
 '''
+CONV_IMPLS = ('xla', 'cpu_eigen')
 
 
-def _train_on(devices, config, workdir):
+def _train_on(devices, runs):
+  """Trains each (config, workdir) of `runs` on `devices` forced host devices."""
+  if devices == jax.device_count():  # this process already is such a machine
+    for config, workdir in runs:
+      train.train_and_evaluate(config, str(workdir))
+    return
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          'JAX_PLATFORMS': 'cpu'}
-  code = _TRAIN.format(root=ROOT, devices=devices, config=json.dumps(config.to_dict()),
-                       workdir=str(workdir))
+  code = _TRAIN.format(root=ROOT, devices=devices,
+                       runs=json.dumps([(c.to_dict(), str(w)) for c, w in runs]))
   r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  return checkpoints.restore_best(str(workdir))[0]
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'cpu_eigen'])
-def test_two_devices_match_one(tiny_config, tmp_path, conv_impl):
-  tiny_config.conv_impl = conv_impl
-  tiny_config.batch_norm = True  # batch statistics must be over the global batch
-  tiny_config.data_aug = True
-  tiny_config.dropout = 0.2
-  tiny_config.num_epochs = 1
+def _parallel_config(tiny_data_dir, tiny_cache_dir, conv_impl):
+  c = conftest.make_tiny_config(tiny_data_dir, tiny_cache_dir)
+  c.conv_impl = conv_impl
+  c.batch_norm = True  # batch statistics must be over the global batch
+  c.data_aug = True
+  c.dropout = 0.2
+  c.num_epochs = 1
   # SGD keeps float rounding differences (the sum over the batch is split in two) at rounding
   # size; Adam's first steps are sign-like and would blow them up to the learning rate.
-  tiny_config.optimizer = 'sgd'
-  tiny_config.learning_rate = 0.05
-  one = _train_on(1, tiny_config, tmp_path / 'one')
-  two = _train_on(2, tiny_config, tmp_path / 'two')
+  c.optimizer = 'sgd'
+  c.learning_rate = 0.05
+  return c
+
+
+@pytest.fixture(scope='module')
+def two_device_runs(tiny_data_dir, tiny_cache_dir, tmp_path_factory):
+  """conv_impl -> workdir of the same tiny run trained on 2 devices, both in one subprocess."""
+  root = tmp_path_factory.mktemp('two')
+  runs = {impl: (_parallel_config(tiny_data_dir, tiny_cache_dir, impl), root / impl)
+          for impl in CONV_IMPLS}
+  _train_on(2, list(runs.values()))
+  return {impl: workdir for impl, (_, workdir) in runs.items()}
+
+
+@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
+def test_two_devices_match_one(tiny_data_dir, tiny_cache_dir, two_device_runs, tmp_path,
+                               conv_impl):
+  _train_on(1, [(_parallel_config(tiny_data_dir, tiny_cache_dir, conv_impl), tmp_path / 'one')])
+  one = checkpoints.restore_best(str(tmp_path / 'one'))[0]
+  two = checkpoints.restore_best(str(two_device_runs[conv_impl]))[0]
   leaves_one, leaves_two = jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)
   assert len(leaves_one) == len(leaves_two)
   for a, b in zip(leaves_one, leaves_two):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   m1 = [json.loads(l) for l in open(tmp_path / 'one' / 'metrics.jsonl')]
-  m2 = [json.loads(l) for l in open(tmp_path / 'two' / 'metrics.jsonl')]
+  m2 = [json.loads(l) for l in open(two_device_runs[conv_impl] / 'metrics.jsonl')]
   assert abs(m1[0]['train_loss'] - m2[0]['train_loss']) < 1e-4
+  # Each run really had the device count it stands for.
+  assert checkpoints.read_json(tmp_path / 'one' / 'summary.json')['num_devices'] == 1
+  assert checkpoints.read_json(two_device_runs[conv_impl] / 'summary.json')['num_devices'] == 2
 
 
 def test_bfloat16_compute_keeps_float32_params_and_learns(tiny_config, tmp_path):

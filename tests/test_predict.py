@@ -14,20 +14,14 @@ from cnn import checkpoints
 from cnn import input_pipeline
 from cnn import models
 from cnn import predict
-from cnn import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_RUNS = {}
 
 
 @pytest.fixture
-def trained(tiny_config, tmp_path_factory):
-  if tiny_config.data_dir not in _RUNS:
-    workdir = str(tmp_path_factory.mktemp('run'))
-    train.train_and_evaluate(tiny_config, workdir)
-    _RUNS[tiny_config.data_dir] = workdir
-  workdir = _RUNS[tiny_config.data_dir]
-  return checkpoints.load_run_config(workdir), workdir
+def trained(trained_workdir):
+  """The shared trained run (read-only: predict writes nothing into a workdir)."""
+  return checkpoints.load_run_config(trained_workdir), trained_workdir
 
 
 @pytest.fixture
