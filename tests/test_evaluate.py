@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from cnn import checkpoints
+from cnn import errors
 from cnn import evaluate
 from cnn import figures
 from cnn import input_pipeline
@@ -113,7 +114,7 @@ def test_wrong_positional_args_and_foreign_data(evaluated, tmp_path, capsys):
 
 
 def test_evaluate_without_a_checkpoint_says_so(tiny_config, tmp_path):
-  with pytest.raises(FileNotFoundError, match='no best checkpoint'):
+  with pytest.raises(errors.WorkdirError, match='no best checkpoint'):
     evaluate.evaluate(tiny_config, str(tmp_path))
 
 
