@@ -352,7 +352,7 @@ class Run:
   workdir: str
   writer: metrics_writer.MetricsWriter
   epoch_callback: EpochCallback | None = None
-  on_first_step: Callable[[], None] | None = None
+  on_first_step: Callable[[Any], None] | None = None
 
   @property
   def steps_per_epoch(self) -> int:

@@ -46,13 +46,16 @@ RECIPES = {
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('data_dir', 'data/inaturalist_12K', 'train/<class>/ and val/<class>/.')
-flags.DEFINE_list('recipes', ['optimal_before_fix', 'optimal', 'tuned'],
-                  f'Names ({", ".join(RECIPES)}) or config files.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'One run per recipe and seed.')
-flags.DEFINE_string('workdir', 'workdirs/study', 'A workdir per run under it, and the tables.')
-flags.DEFINE_list('set', [], 'FIELD=VALUE overrides for every run, e.g. image_size=128.')
 
+
+def define_flags() -> None:
+  """The study's flags; defined on use, so importing this module (tests) adds no flags."""
+  flags.DEFINE_string('data_dir', 'data/inaturalist_12K', 'train/<class>/ and val/<class>/.')
+  flags.DEFINE_list('recipes', ['optimal_before_fix', 'optimal', 'tuned'],
+                    f'Names ({", ".join(RECIPES)}) or config files.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'One run per recipe and seed.')
+  flags.DEFINE_string('workdir', 'workdirs/study', 'A workdir per run under it, and the tables.')
+  flags.DEFINE_list('set', [], 'FIELD=VALUE overrides for every run, e.g. image_size=128.')
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('recipe_config', ROOT / path)
@@ -171,4 +174,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
