@@ -25,7 +25,8 @@ def test_identity_transform_returns_the_image():
   x = _images()
   out = np.asarray(augment.augment(jax.random.PRNGKey(3), x, ranges))
   for i in range(4):  # each image is either itself or its mirror
-    same, mirrored = np.allclose(out[i], x[i], atol=1e-5), np.allclose(out[i], x[i, :, ::-1], atol=1e-5)
+    same = np.allclose(out[i], x[i], atol=1e-5)
+    mirrored = np.allclose(out[i], x[i, :, ::-1], atol=1e-5)
     assert same or mirrored
 
 

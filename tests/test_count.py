@@ -15,8 +15,9 @@ from configs import default
 from configs import optimal
 
 
-def _model(m, k, n, padding, batch_norm=False, num_classes=10, layers=5):
-  return models.CNN(filters=(m,) * layers, kernel_size=k, dense_size=n, num_classes=num_classes,
+def _model(m, k, n, padding, batch_norm=False):
+  """The 5-block, 10-class CNN with `m` filters per block, kernel `k` and dense size `n`."""
+  return models.CNN(filters=(m,) * 5, kernel_size=k, dense_size=n, num_classes=10,
                     padding=padding, batch_norm=batch_norm)
 
 
@@ -34,10 +35,16 @@ def _xla_flops(fn, *args) -> float:
 CASES = [(4, 3, 8, 96), (3, 3, 10, 101), (8, 5, 16, 163), (16, 3, 32, 128), (6, 7, 12, 250)]
 
 
-@pytest.mark.parametrize('m,k,n,s', CASES)
+def _case_id(case):
+  """A case's test id, as pytest would write its fields as separate parameters: `4-3-8-96`."""
+  return '-'.join(map(str, case))
+
+
+@pytest.mark.parametrize('case', CASES, ids=_case_id)
 @pytest.mark.parametrize('padding', ['VALID', 'SAME'])
 @pytest.mark.parametrize('batch_norm', [False, True])
-def test_closed_form_matches_the_initialised_model(m, k, n, s, padding, batch_norm):
+def test_closed_form_matches_the_initialised_model(case, padding, batch_norm):
+  m, k, n, s = case
   model = _model(m, k, n, padding, batch_norm)
   variables = _init_shapes(model, s)
   cf = count.closed_form(m, k, n, s, padding, batch_norm=batch_norm)

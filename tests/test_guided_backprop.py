@@ -332,6 +332,14 @@ def test_vanilla_gradient_support_is_the_receptive_field():
 
 # --- Grad-CAM. -----------------------------------------------------------------------------------
 
+def _class_score(params, a, c):
+  """Logit `c` of the layers after conv2's activation `a` of the 2-block model, by hand."""
+  h, w = a.shape[0] // 2, a.shape[1] // 2
+  pooled = a[:2 * h, :2 * w].reshape(h, 2, w, 2, -1).max(axis=(1, 3))
+  hidden = jax.nn.relu(pooled.reshape(-1) @ params['dense']['kernel'] + params['dense']['bias'])
+  return (hidden @ params['logits']['kernel'] + params['logits']['bias'])[c]
+
+
 def test_grad_cam_matches_an_independent_head():
   model = _tiny_model(filters=(4, 6))
   image = _image(16, 3)
@@ -341,16 +349,8 @@ def test_grad_cam_matches_an_independent_head():
     ref = NumpyCNN(variables, 2, 'VALID', False)
     logits = ref.forward(np.asarray(image))
     acts = jnp.asarray(ref.block_output(2), jnp.float32)
-    p = variables['params']
-
-    def head(a):  # the layers after conv2's activation, written out by hand
-      h, w = a.shape[0] // 2, a.shape[1] // 2
-      pooled = a[:2 * h, :2 * w].reshape(h, 2, w, 2, -1).max(axis=(1, 3))
-      hidden = jax.nn.relu(pooled.reshape(-1) @ p['dense']['kernel'] + p['dense']['bias'])
-      return hidden @ p['logits']['kernel'] + p['logits']['bias']
-
     for c in range(3):
-      grads = jax.grad(lambda a: head(a)[c])(acts)
+      grads = jax.grad(_class_score, argnums=1)(variables['params'], acts, c)
       want = np.maximum(np.einsum('hwk,k->hw', acts, grads.mean(axis=(0, 1))), 0)
       res = gb.guided_grad_cam(model, variables, image, class_index=c)
       np.testing.assert_allclose(res.cam_layer, want, rtol=1e-4, atol=1e-6)
@@ -421,22 +421,10 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
-def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
-  from cnn import checkpoints
-  from cnn import config as config_lib
+def _check_first_run(out, data_dir):
+  """The default run's figures and maps: guided, at conv2, for the 10 most active channels."""
   from cnn import input_pipeline
-  from tests import conftest
 
-  # The shared run (batch norm, which must run in inference mode; conv2 with 12 channels, more
-  # than the 10 neurons to choose from; guided_bp_layer conv2), copied: the mode writes into it.
-  workdir = conftest.copy_workdir(trained_workdir, tmp_path / 'run')
-  config = checkpoints.load_run_config(workdir)  # what main.py hands the mode
-  assert config.batch_norm and config.guided_bp_layer == 'conv2'
-  assert models.create_model(config, 3).filters[1] > 10
-  data_dir = config.data_dir
-  assert gb.run_guided_bp(config, workdir, []) == 0
-
-  out = os.path.join(workdir, 'guided_bp')
   for name in ('guided_backprop.png', 'comparison.png', 'guided_gradcam.png'):
     png = mpimg.imread(os.path.join(out, name))
     assert png[..., :3].std() > 0.05, name
@@ -453,6 +441,12 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
   path = str(res['image_path'])
   assert os.path.dirname(os.path.dirname(path)) == os.path.join(data_dir, 'val')
   np.testing.assert_array_equal(res['image'], input_pipeline.read_image(path, 32))
+  return res
+
+
+def _check_against_the_checkpoint(res, config, workdir):
+  """The first run's neurons, receptive fields and Grad-CAM, recomputed from its checkpoint."""
+  from cnn import checkpoints
 
   # The neurons are the 10 most active channels at their peaks, recomputed here from the
   # restored checkpoint and the model's own block output.
@@ -468,8 +462,8 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
 
   # Every map lives inside its neuron's receptive field, and the field is the closed form's.
   rf = gb.receptive_field(2, 3, 'VALID')
-  for m, (top, left, bottom, right), r, c in zip(maps, res['receptive_fields'], res['rows'],
-                                                  res['cols']):
+  for m, (top, left, bottom, right), r, c in zip(res['maps'], res['receptive_fields'],
+                                                  res['rows'], res['cols']):
     assert (top, bottom) == rf.span(int(r), 32) and (left, right) == rf.span(int(c), 32)
     outside = np.abs(m).sum(-1)
     outside[top:bottom, left:right] = 0
@@ -481,7 +475,11 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
   np.testing.assert_allclose(res['guided_grad_cam'], res['guided_class_map'] *
                              res['grad_cam'][..., None], rtol=1e-6)
 
-  # Channels from the config, another rule, another image.
+
+def _check_config_overrides(config, workdir, out, data_dir):
+  """Channels from the config, another rule, another image (changes `config` to say so)."""
+  from cnn import input_pipeline
+
   config.guided_bp_channels = (3, 0)
   config.guided_bp_method = 'deconvnet'
   config.guided_bp_image = sorted(
@@ -494,7 +492,9 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
   np.testing.assert_array_equal(res2['image'], input_pipeline.read_image(config.guided_bp_image,
                                                                         32))
 
-  # The command line: main.py reuses the workdir's config.json plus the overrides.
+
+def _check_command_line(workdir, out, res):
+  """main.py reuses the workdir's config.json plus the overrides; `res` is the first run's."""
   proc = subprocess.run(
       [sys.executable, 'main.py', '--mode=guided_bp', f'--workdir={workdir}',
        '--config.guided_bp_num_neurons=4', '--config.guided_bp_method=vanilla'],
@@ -506,7 +506,11 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
   np.testing.assert_allclose(res3['maps_guided'], res['maps'][:4], rtol=1e-5, atol=1e-7)
   assert 'wrote' in proc.stdout
 
-  # Settings that cannot work fail with a message saying what to change.
+
+def _check_bad_settings(config, workdir):
+  """Settings that cannot work fail with a message saying what to change."""
+  from cnn import config as config_lib
+
   config.guided_bp_layer = 'conv5'
   with pytest.raises(config_lib.ConfigError, match='conv1..conv2'):
     gb.run_guided_bp(config, workdir, [])
@@ -517,3 +521,24 @@ def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
     gb.run_guided_bp(config, workdir, [])
   with pytest.raises(config_lib.ConfigError, match='positional'):
     gb.run_guided_bp(config, workdir, ['extra'])
+
+
+def test_run_guided_bp_on_a_trained_model(trained_workdir, tmp_path):
+  from cnn import checkpoints
+  from tests import conftest
+
+  # The shared run (batch norm, which must run in inference mode; conv2 with 12 channels, more
+  # than the 10 neurons to choose from; guided_bp_layer conv2), copied: the mode writes into it.
+  workdir = conftest.copy_workdir(trained_workdir, tmp_path / 'run')
+  config = checkpoints.load_run_config(workdir)  # what main.py hands the mode
+  assert config.batch_norm and config.guided_bp_layer == 'conv2'
+  assert models.create_model(config, 3).filters[1] > 10
+  data_dir = config.data_dir
+  assert gb.run_guided_bp(config, workdir, []) == 0
+
+  out = os.path.join(workdir, 'guided_bp')
+  res = _check_first_run(out, data_dir)
+  _check_against_the_checkpoint(res, config, workdir)
+  _check_config_overrides(config, workdir, out, data_dir)
+  _check_command_line(workdir, out, res)
+  _check_bad_settings(config, workdir)

@@ -133,7 +133,7 @@ def test_no_data_and_no_network_is_one_line(tmp_path):
   assert r.returncode == 2, r.stderr[-3000:]
   # TensorFlow's CUDA stub may log lines of its own as it loads, before any Python runs.
   lines = r.stderr.splitlines()
-  assert [l for l in lines if l.startswith('error:')] == lines[-1:], r.stderr
+  assert [line for line in lines if line.startswith('error:')] == lines[-1:], r.stderr
   assert lines[-1].startswith('error: could not download ') and 'Traceback' not in r.stderr
   assert f'Put the data at {data_dir}' in lines[-1] and '--config.data_dir=PATH' in lines[-1]
 
@@ -147,7 +147,7 @@ def test_optimal_config_learns_real_photos(monkeys_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.load(open(tmp_path / 'run' / 'summary.json'))
   assert summary['num_params'] > 0 and len(summary['class_names']) == 10
-  history = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  history = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
   # Chance is 0.10. After 4 epochs the batch-norm running averages (momentum 0.99, 30 steps an
   # epoch) still weigh their initial values by 0.3, so validation accuracy is only a weak signal
   # (0.22-0.27 over two conv paths); the training metrics show the learning.

@@ -23,11 +23,18 @@ def test_optimal_config_matches_the_reference_parameter_count():
   assert _counts(optimal.get_config(), 256) == (446_730, 896)
 
 
-@pytest.mark.parametrize('first,org,k,dense,size,padding', [
+def _case_id(case):
+  """A case's test id, as pytest would write its fields as separate parameters."""
+  return '-'.join(map(str, case))
+
+
+# (first_layer_filters, filter_org, kernel_size, dense_size, image size, padding).
+@pytest.mark.parametrize('case', [
     (32, 1.0, 3, 64, 256, 'VALID'), (32, 2.0, 5, 32, 256, 'VALID'), (64, 0.5, 7, 128, 256, 'VALID'),
     (16, 1.0, 3, 32, 64, 'SAME'), (8, 2.0, 5, 16, 96, 'SAME'),
-])
-def test_parameter_count_matches_hand_count(first, org, k, dense, size, padding):
+], ids=_case_id)
+def test_parameter_count_matches_hand_count(case):
+  first, org, k, dense, size, padding = case
   c = default.get_config()
   c.first_layer_filters, c.filter_org, c.kernel_size, c.dense_size = first, org, k, dense
   c.padding = padding

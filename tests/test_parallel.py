@@ -79,8 +79,8 @@ def test_two_devices_match_one(tiny_data_dir, tiny_cache_dir, two_device_runs, t
   assert len(leaves_one) == len(leaves_two)
   for a, b in zip(leaves_one, leaves_two):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-  m1 = [json.loads(l) for l in open(tmp_path / 'one' / 'metrics.jsonl')]
-  m2 = [json.loads(l) for l in open(two_device_runs[conv_impl] / 'metrics.jsonl')]
+  m1 = [json.loads(line) for line in open(tmp_path / 'one' / 'metrics.jsonl')]
+  m2 = [json.loads(line) for line in open(two_device_runs[conv_impl] / 'metrics.jsonl')]
   assert abs(m1[0]['train_loss'] - m2[0]['train_loss']) < 1e-4
   # Each run really had the device count it stands for.
   assert checkpoints.read_json(tmp_path / 'one' / 'summary.json')['num_devices'] == 1
@@ -93,6 +93,6 @@ def test_bfloat16_compute_keeps_float32_params_and_learns(tiny_config, tmp_path)
   summary = train.train_and_evaluate(tiny_config, str(tmp_path))
   variables, _ = checkpoints.restore_best(str(tmp_path))
   assert {x.dtype for x in jax.tree_util.tree_leaves(variables['params'])} == {np.dtype('float32')}
-  history = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  history = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert history[-1]['train_loss'] < history[0]['train_loss']
   assert summary['best_val_accuracy'] > 0.5

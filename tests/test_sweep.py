@@ -543,7 +543,8 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tiny_config, tmp_path):
   for r in records[:2]:
     assert r['error'].startswith('ConfigError: image_size=32 is too small')
     assert r['epochs'] == 0 and r['best_val_acc'] is None
-  assert records[2]['error'].startswith('TrainingDiverged: the training loss or parameters became NaN/inf')
+  assert records[2]['error'].startswith(
+      'TrainingDiverged: the training loss or parameters became NaN/inf')
   with open(os.path.join(workdir, records[2]['workdir'], 'error.txt')) as f:
     assert 'Traceback' in f.read()
   assert records[3]['error'] is None and records[3]['best_val_acc'] > 0
