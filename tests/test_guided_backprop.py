@@ -52,13 +52,15 @@ def _np_pool(x):
 
 
 def _np_pool_back(g, x):
-  """Max-pool gradient; ties share it equally, as JAX's max reduction does."""
+  """Max-pool gradient: each window's first maximum (row-major) takes it all, as nn.max_pool's
+  select-and-scatter and layers.max_pool_2x2 both do."""
   h, w = g.shape[:2]
-  win = x[:2 * h, :2 * w].reshape(h, 2, w, 2, -1)
-  hit = win == win.max(axis=(1, 3), keepdims=True)
-  share = hit / hit.sum(axis=(1, 3), keepdims=True) * g[:, None, :, None]
+  win = x[:2 * h, :2 * w].reshape(h, 2, w, 2, -1).transpose(0, 2, 1, 3, 4).reshape(h, w, 4, -1)
+  first = np.argmax(win, axis=2)  # argmax returns the first of tied maxima
+  share = (np.arange(4)[None, None, :, None] == first[:, :, None]) * g[:, :, None]
   dx = np.zeros_like(x)
-  dx[:2 * h, :2 * w] = share.reshape(2 * h, 2 * w, -1)
+  dx[:2 * h, :2 * w] = share.reshape(h, w, 2, 2, -1).transpose(0, 2, 1, 3, 4).reshape(
+      2 * h, 2 * w, -1)
   return dx
 
 
@@ -311,23 +313,29 @@ def test_receptive_field_of_the_reference_network():
 
 
 def test_vanilla_gradient_support_is_the_receptive_field():
-  """Uniform positive weights and a constant image: every max-pool window ties, so the
-  gradient reaches every pixel the neuron sees and no other."""
+  """Uniform positive weights: every ReLU passes, and a linear ramp stays a ramp through every
+  block, so each max-pool window sends its gradient to the corner the ramp rises to. The four
+  ramps (up or down in rows and in columns) reach the receptive field's four corners; together
+  they reach every pixel the neuron sees, and no other."""
   size, blocks = 30, 3
   model = _positive_model('VALID', 3, blocks)
   variables = _positive_variables(model, size)
   variables['params'] = jax.tree.map(lambda a: jnp.where(a > 0, 1.0, 0.0), variables['params'])
-  image = jnp.full((size, size, 3), 0.5)
-  acts = np.asarray(gb.layer_activations(model, variables, image, 'conv3'))
+  r, c = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
+  images = [np.repeat((0.5 + 0.01 * (dr * r + dc * c))[..., None], 3, -1).astype(np.float32)
+            for dr in (1, -1) for dc in (1, -1)]
+  acts = np.asarray(gb.layer_activations(model, variables, images[0], 'conv3'))
   h, w = acts.shape[:2]
   rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
   neurons = gb.Neurons(np.zeros(h * w, np.int32), rows.ravel(), cols.ravel(), acts[..., 0].ravel())
-  grads = gb.neuron_gradients(model, variables, image, 'conv3', neurons, 'vanilla')
+  reached = sum(np.abs(np.asarray(gb.neuron_gradients(model, variables, jnp.asarray(image),
+                                                      'conv3', neurons, 'vanilla'))).sum(-1) > 0
+                for image in images)
   boxes = gb.neuron_boxes(model, 'conv3', neurons, (size, size))
-  for g, (top, left, bottom, right) in zip(grads, boxes):
+  for got, (top, left, bottom, right) in zip(reached, boxes):
     want = np.zeros((size, size), bool)
     want[top:bottom, left:right] = True
-    np.testing.assert_array_equal(np.abs(g).sum(-1) > 0, want)
+    np.testing.assert_array_equal(got > 0, want)
 
 
 # --- Grad-CAM. -----------------------------------------------------------------------------------
