@@ -25,16 +25,15 @@ def pytest_configure(config):
 
   Most of the fast suite's time is XLA compiling the same small programs again in every run
   (and in every `main.py` subprocess); cached executables load in milliseconds. The folder
-  lives in pytest's cache dir (per checkout, wiped by --cache-clear), or under the user cache
-  with -p no:cacheprovider; a JAX_COMPILATION_CACHE_DIR already set wins.
+  lives under the user cache, so a fresh clone (CI's) reuses what earlier runs compiled: XLA's
+  cache key holds the program, the jax version and the flags, so no stale entry is ever used.
+  A JAX_COMPILATION_CACHE_DIR already set wins.
   """
+  del config
   cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if not cache_dir:
-    if getattr(config, 'cache', None) is not None:
-      cache_dir = str(config.cache.mkdir('jax_compilation_cache'))
-    else:
-      base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-      cache_dir = os.path.join(base, 'inat_cnn_tests', 'jax_compilation_cache')
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    cache_dir = os.path.join(base, 'inat_cnn_tests', 'jax_compilation_cache')
   os.makedirs(cache_dir, exist_ok=True)
   # Every program, however quick to compile: the suite is thousands of small ones. jax reads
   # the environment variables when imported, here and in the subprocesses tests start.
