@@ -148,8 +148,8 @@ def test_optimal_config_learns_real_photos(monkeys_dir, tmp_path):
   summary = json.load(open(tmp_path / 'run' / 'summary.json'))
   assert summary['num_params'] > 0 and len(summary['class_names']) == 10
   history = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
-  # Chance is 0.10. After 4 epochs the batch-norm running averages (momentum 0.99, 30 steps an
-  # epoch) still weigh their initial values by 0.3, so validation accuracy is only a weak signal
-  # (0.22-0.27 over two conv paths); the training metrics show the learning.
+  # Chance is 0.10. With the running batch-norm averages alone (momentum 0.99, 30 steps an
+  # epoch) validation said 0.22-0.27 here; precise BN scores what the model learned (0.54-0.67
+  # after epochs 2-4 of seed 0).
   assert history[-1]['train_acc'] >= 0.4 and history[-1]['train_loss'] < history[0]['train_loss']
-  assert summary['best_val_accuracy'] >= 0.15, summary
+  assert summary['best_val_accuracy'] >= 0.45, summary
