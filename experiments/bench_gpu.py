@@ -21,17 +21,21 @@ Times exclude warm-up; the first step's time less a later one's is reported as c
 cell's figure is the median of --rounds rounds. Ours' host and device feeds are interleaved
 round by round.
 
-Priority: the largest size and batch in every dtype (ours, then torch), then the e2e epoch,
-then the other cells. Nothing starts with less than --min_task_s of --deadline_s left and a
-child still running at the deadline is killed; every result is a JSON line of --out, written
-as it comes, so a cut-off run still reports. The child processes' output goes to --out.logs/.
+Priority: the largest size and batch in every dtype (ours, torch eager, torch.compile), then
+the e2e epoch, then the other cells (ours and torch eager), then their torch.compile. Nothing
+starts with less than --min_task_s of --deadline_s left, and a child still running at the
+deadline is killed; every result is a JSON line of --out, written as it comes, so a cut-off
+run still reports. The child processes' output goes to the folder --out.logs/.
 
-On the GPU machine (jax with CUDA, flax, optax, orbax-checkpoint, absl, numpy, pillow and
-torch; no TensorFlow or W&B needed) configs/ needs ml-collections: carry its pure-Python wheel
-along and `pip install --no-deps ml_collections-*.whl` first. The full run takes about 8
-minutes: it is cut at --deadline_s=480 s, with the most important cells done first.
+On the GPU machine (jax with CUDA, flax, optax, orbax-checkpoint, absl, numpy, pillow, torch;
+no TensorFlow or W&B needed) cnn/ and configs/ also need ml-collections and PyYAML, which it
+imports: carry their wheels along and `pip install --no-deps` them first (the script says so
+before measuring anything when they are missing). The full plan is estimated (not yet
+measured) at 15-17 min on an H200, about half of it torch.compile's compilations; the default
+--deadline_s=480 cuts it at 8 min, after the largest cells and the e2e epoch, which come first.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -68,6 +72,8 @@ DRY_RUN = {'sizes': ['96'], 'batches': ['8'], 'rounds': 1, 'steps_per_round': 2,
 SETTINGS = ('frameworks', 'parts', 'sizes', 'batches', 'dtypes', 'rounds', 'steps_per_round',
             'warmup_steps', 'min_round_s', 'e2e_images', 'e2e_holdout', 'e2e_size',
             'e2e_batch', 'e2e_dtype', 'deadline_s', 'min_task_s')
+# What ours needs; PyYAML because ml_collections imports it. A missing torch is recorded instead.
+OURS_NEEDS = ('jax', 'flax', 'optax', 'orbax', 'ml_collections', 'yaml', 'PIL')
 CHILD_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # JAX takes GPU memory as it needs it
 
 
@@ -78,7 +84,8 @@ def define_flags() -> None:
   flags.DEFINE_string('table_from', '', 'Print the table of this results file; measure nothing.')
   flags.DEFINE_float('deadline_s', 480, 'Stop starting (and kill) measurements after this.')
   flags.DEFINE_float('min_task_s', 15, 'Start no measurement with less time than this left.')
-  flags.DEFINE_list('frameworks', ['ours', 'torch'], 'ours, torch.')
+  flags.DEFINE_list('frameworks', ['ours', 'torch', 'torch_compile'],
+                    'ours, torch (eager), torch_compile (torch.compile).')
   flags.DEFINE_list('parts', ['train_step', 'e2e'], 'train_step, e2e.')
   flags.DEFINE_list('sizes', ['256', '128'], 'Image sizes of the train-step cells.')
   flags.DEFINE_list('batches', ['256', '32'], 'Batch sizes of the train-step cells.')
@@ -119,22 +126,26 @@ class Task(NamedTuple):
     return f'{self.part} {a["size"]}px batch {batch} {a["dtype"]}'
 
 
-VARIANTS = {'ours': ('host', 'device'), 'torch': ('eager', 'compile'), 'e2e': ('e2e',)}
+VARIANTS = {'ours': ('host', 'device'), 'torch': ('eager',), 'torch_compile': ('compile',),
+            'e2e': ('e2e',)}
+FRAMEWORK = {'ours': 'ours', 'torch': 'torch', 'torch_compile': 'torch', 'e2e': 'ours'}
 
 
 def plan(s: dict) -> list[Task]:
   """The measurements, the most important first (see the module docstring)."""
   cells = [{'size': z, 'batch': b, 'dtype': d}
            for z in s['sizes'] for b in s['batches'] for d in s['dtypes']]
-  frameworks = [fw for fw in ('ours', 'torch') if fw in s['frameworks']]
   if 'train_step' not in s['parts']:
     cells = []
-  tasks = lambda cs: [Task(fw, c, VARIANTS[fw]) for c in cs for fw in frameworks]
+  tasks = lambda cs, parts: [Task(p, c, VARIANTS[p]) for c in cs for p in parts
+                             if p in s['frameworks']]
   head = [c for c in cells if (c['size'], c['batch']) == (s['sizes'][0], s['batches'][0])]
+  rest = [c for c in cells if c not in head]
   e2e = [Task('e2e', {'size': s['e2e_size'], 'batch': None, 'dtype': s['e2e_dtype'],
                       'images': s['e2e_images'], 'holdout': s['e2e_holdout']}, VARIANTS['e2e'])]
-  return tasks(head) + (e2e if 'e2e' in s['parts'] else []) + tasks(
-      [c for c in cells if c not in head])
+  # torch.compile's compilation takes the longest: the other cells' wait for the end.
+  return (tasks(head, ('ours', 'torch', 'torch_compile')) + (e2e if 'e2e' in s['parts'] else [])
+          + tasks(rest, ('ours', 'torch')) + tasks(rest, ('torch_compile',)))
 
 
 def e2e_batch(s: dict, records: list[dict]) -> int:
@@ -163,8 +174,7 @@ def run_child(task: Task, timing: dict, timeout_s: float, log_path: str) -> list
   why = (f'killed at the deadline ({timeout_s:.0f} s left)' if rc is None else
          f'the process exited with status {rc}: {_tail(log_path)}')
   done = {r['variant'] for r in records}
-  framework = 'ours' if task.part == 'e2e' else task.part
-  return records + [{**task.args, 'framework': framework, 'variant': v, 'error': why}
+  return records + [{**task.args, 'framework': FRAMEWORK[task.part], 'variant': v, 'error': why}
                     for v in task.variants if v not in done]
 
 
@@ -235,7 +245,7 @@ def run(s: dict, out: str) -> list[dict]:
       left = s['deadline_s'] - (time.monotonic() - t0)
       print(f'[{time.monotonic() - t0:5.0f} s] {task.name}', flush=True)
       if left < s['min_task_s']:
-        new = [{**task.args, 'framework': 'ours' if task.part == 'e2e' else task.part,
+        new = [{**task.args, 'framework': FRAMEWORK[task.part],
                 'variant': v, 'skipped': True, 'error': f'skipped: {left:.0f} s left'}
                for v in task.variants]
       else:
@@ -322,15 +332,26 @@ def read_records(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def check_settings(s: dict) -> None:
+  """app.UsageError for an unknown framework or part, or a missing package ours needs: said
+  before any device time is spent."""
+  unknown = ((set(s['frameworks']) - set(FRAMEWORK) - {'e2e'})
+             | (set(s['parts']) - {'train_step', 'e2e'}))
+  if unknown:
+    raise app.UsageError(f'unknown --frameworks or --parts {sorted(unknown)}')
+  missing = [m for m in OURS_NEEDS if importlib.util.find_spec(m) is None]
+  if missing and ('ours' in s['frameworks'] or 'e2e' in s['parts']):
+    raise app.UsageError(f'cannot import {missing}: pip install them (ml_collections and '
+                         'PyYAML are small wheels to carry along; --no-deps)')
+
+
 def main(argv):
   del argv
   if FLAGS.table_from:
     print(format_table(read_records(FLAGS.table_from)))
     return
   s = settings_from_flags()
-  unknown = (set(s['frameworks']) - {'ours', 'torch'}) | (set(s['parts']) - {'train_step', 'e2e'})
-  if unknown:
-    raise app.UsageError(f'unknown --frameworks or --parts {sorted(unknown)}')
+  check_settings(s)
   records = run(s, FLAGS.out)
   print(format_table(records))
   print(f'wrote {FLAGS.out}')

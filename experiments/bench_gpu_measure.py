@@ -1,11 +1,11 @@
 """What the GPU benchmark's child processes measure; experiments/bench_gpu.py starts them.
 
-A child runs one cell (one framework at one image size, batch size and dtype) or the
-end-to-end epoch, and appends each result to its JSON-lines file the moment it has it: a child
-killed at the deadline, or crashed in a later variant, still leaves what it finished.
+A child runs one cell (ours, PyTorch eager or torch.compile at one image size, batch size and
+dtype) or the end-to-end epoch, and appends each result to its JSON-lines file the moment it
+has it: a child killed at the deadline still leaves what it finished.
 
   python -m experiments.bench_gpu_measure SPEC.json
-  SPEC = {"part": "ours" | "torch" | "e2e", "args": {...}, "timing": {...}, "results": PATH}
+  SPEC = {"part": a key of PARTS, "args": {...}, "timing": {...}, "results": PATH}
 
 Only numpy is imported at the top: a torch child never loads JAX, and the reverse.
 """
@@ -112,7 +112,7 @@ def jax_info(config) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from cnn import count  # pylint: disable=g-import-not-at-top
   from cnn import models  # pylint: disable=g-import-not-at-top
-  precision = jax.config.jax_default_matmul_precision
+  precision = getattr(jax.config, 'jax_default_matmul_precision', None)
   model = models.create_model(config, CLASSES)
   return {
       'device_kind': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
@@ -178,17 +178,20 @@ def torch_info(torch, device: str) -> dict:
 
 
 def _torch_step(torch, net, args: dict, device: str) -> Callable[[], None]:
-  """One Adam step of `net` on a batch gathered from a device-resident uint8 set (as DeviceFeed)."""
+  """One Adam step of `net` on a batch gathered from a device-resident uint8 set (as DeviceFeed).
+
+  The batch's indices are drawn on the device: a copy from pageable host memory would wait for
+  the previous step, and the host could no longer run ahead of the GPU.
+  """
   images, labels = synthetic_images(args['batch'] * POOL_BATCHES, args['size'])
   x_all = torch.from_numpy(images).to(device)  # NHWC: a batch's permute is channels-last
   y_all = torch.from_numpy(labels).long().to(device)
   opt = torch.optim.Adam(net.parameters(), lr=bench_measure.LR, fused=device == 'cuda')
   loss_fn = torch.nn.CrossEntropyLoss()
-  order = index_batches(len(labels), args['batch'])
   bf16 = args['dtype'] == 'bfloat16'
 
   def step():
-    i = torch.from_numpy(next(order)).to(device)
+    i = torch.randperm(len(labels), device=device)[:args['batch']].sort().values
     x = x_all[i].permute(0, 3, 1, 2).float().div_(255.0)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       loss = loss_fn(net(x), y_all[i])
@@ -198,25 +201,34 @@ def _torch_step(torch, net, args: dict, device: str) -> Callable[[], None]:
   return step
 
 
-def torch_cell(args: dict, timing: Timing, results: str) -> None:
-  """PyTorch eager, then torch.compile (whose failure is recorded, not raised)."""
+def _torch_variant(args: dict, timing: Timing, results: str, variant: str) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
   torch.manual_seed(0)
-  base = {**args, 'framework': 'torch', **torch_info(torch, device)}
+  base = {**args, 'framework': 'torch', 'variant': variant, **torch_info(torch, device)}
   model = bench_measure.torch_model(args['size']).to(device).train()
   sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
-  for variant in ('eager', 'compile'):
-    try:
-      net = model if variant == 'eager' else torch.compile(model)
-      step = _torch_step(torch, net, args, device)
-      first_s = first_call_s(step, sync)  # torch.compile compiles here
-      per_step = timed_rounds({variant: step}, sync, timing)[variant]
-    except Exception as e:  # pylint: disable=broad-except
-      emit(results, {**base, 'variant': variant, 'error': f'{type(e).__name__}: {e}'[:2000]})
-      continue
-    emit(results, {**base, 'variant': variant, **summarize(per_step, first_s, args['batch'])})
+  try:
+    step = _torch_step(torch, model if variant == 'eager' else torch.compile(model), args,
+                       device)
+    first_s = first_call_s(step, sync)  # torch.compile compiles here
+    per_step = timed_rounds({variant: step}, sync, timing)[variant]
+  except Exception as e:  # pylint: disable=broad-except
+    if variant == 'eager':
+      raise
+    emit(results, {**base, 'error': f'{type(e).__name__}: {e}'[:2000]})  # e.g. no compiler
+    return
+  emit(results, {**base, **summarize(per_step, first_s, args['batch'])})
+
+
+def torch_eager(args: dict, timing: Timing, results: str) -> None:
+  _torch_variant(args, timing, results, 'eager')
+
+
+def torch_compiled(args: dict, timing: Timing, results: str) -> None:
+  """torch.compile(model); a failure to compile is recorded, not raised."""
+  _torch_variant(args, timing, results, 'compile')
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -261,7 +273,8 @@ def e2e_epoch(args: dict, timing: Timing, results: str) -> None:
       'epochs': len(epochs)})
 
 
-PARTS = {'ours': ours_cell, 'torch': torch_cell, 'e2e': e2e_epoch}
+PARTS = {'ours': ours_cell, 'torch': torch_eager, 'torch_compile': torch_compiled,
+         'e2e': e2e_epoch}
 
 
 def main(argv: list[str]) -> None:

@@ -21,7 +21,8 @@ def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope='module')
 def dry_run(tmp_path_factory):
-  """The whole dry run, as a script from another folder; torch's cells only where it is."""
+  """The whole dry run, as a script from another folder; torch eager only where it is (its
+  compile, on the CPU, would take minutes)."""
   tmp = tmp_path_factory.mktemp('bench_gpu')
   out = tmp / 'dry.jsonl'
   proc = _run(tmp, '--dry_run', f'--out={out}',
@@ -82,30 +83,41 @@ def test_a_run_out_of_time_skips_every_measurement_and_still_reports(tmp_path):
   assert '128     32   float32    skipped' in table.stdout
 
 
+def test_an_unknown_framework_is_refused_before_measuring(tmp_path):
+  proc = _run(tmp_path, '--frameworks=ours,jaxx', f'--out={tmp_path / "b.jsonl"}')
+  assert proc.returncode != 0 and "unknown --frameworks or --parts ['jaxx']" in proc.stderr
+  assert not (tmp_path / 'b.jsonl').exists()
+
+
 @pytest.mark.skipif(HAS_TORCH, reason='checks what happens without torch')
 def test_without_torch_its_cell_is_an_error_record(tmp_path):
-  task = bench_gpu.Task('torch', {'size': 96, 'batch': 8, 'dtype': 'float32'},
-                        ('eager', 'compile'))
+  task = bench_gpu.Task('torch_compile', {'size': 96, 'batch': 8, 'dtype': 'float32'},
+                        ('compile',))
   timing = {'rounds': 1, 'steps_per_round': 1, 'warmup_steps': 0, 'min_round_s': 0.0}
   records = bench_gpu.run_child(task, timing, 60, str(tmp_path / 'log'))
-  assert [r['variant'] for r in records] == ['eager', 'compile']
+  assert [(r['framework'], r['variant']) for r in records] == [('torch', 'compile')]
   assert all("No module named 'torch'" in r['error'] for r in records)
 
 
 def _settings(**kw):
   s = {'sizes': [256, 128], 'batches': [256, 32], 'dtypes': ['bfloat16', 'float32'],
-       'frameworks': ['ours', 'torch'], 'parts': ['train_step', 'e2e'], 'e2e_size': 256,
-       'e2e_dtype': 'float32', 'e2e_images': 9000, 'e2e_holdout': 1000, 'e2e_batch': 0}
+       'frameworks': ['ours', 'torch', 'torch_compile'], 'parts': ['train_step', 'e2e'],
+       'e2e_size': 256, 'e2e_dtype': 'float32', 'e2e_images': 9000, 'e2e_holdout': 1000,
+       'e2e_batch': 0}
   return {**s, **kw}
 
 
-def test_the_plan_runs_the_largest_cells_of_both_frameworks_then_the_epoch():
+def test_the_plan_runs_the_largest_cells_then_the_epoch_then_the_rest_then_compiles():
   names = [t.name for t in bench_gpu.plan(_settings())]
-  assert names[:5] == ['ours 256px batch 256 bfloat16', 'torch 256px batch 256 bfloat16',
-                       'ours 256px batch 256 float32', 'torch 256px batch 256 float32',
-                       'e2e 256px batch auto float32']
-  assert len(names) == 2 * 2 * 2 * 2 + 1
-  assert [t.name for t in bench_gpu.plan(_settings(parts=['e2e']))] == names[4:5]
+  assert names[:7] == [
+      'ours 256px batch 256 bfloat16', 'torch 256px batch 256 bfloat16',
+      'torch_compile 256px batch 256 bfloat16', 'ours 256px batch 256 float32',
+      'torch 256px batch 256 float32', 'torch_compile 256px batch 256 float32',
+      'e2e 256px batch auto float32']
+  assert names[7:9] == ['ours 256px batch 32 bfloat16', 'torch 256px batch 32 bfloat16']
+  assert len(names) == 2 * 2 * 2 * 3 + 1
+  assert all(n.startswith('torch_compile') for n in names[-6:])
+  assert [t.name for t in bench_gpu.plan(_settings(parts=['e2e']))] == names[6:7]
 
 
 def test_the_epoch_runs_at_the_batch_where_ours_was_fastest():
