@@ -36,6 +36,8 @@ def _measured(records):
           if r.get('kind') == 'measurement'}
 
 
+# The whole dry run is an end-to-end run of every part in child processes: a longer test.
+@pytest.mark.slow
 def test_the_dry_run_writes_every_measurement_as_a_json_line(dry_run):
   _, records = dry_run
   assert records[0]['kind'] == 'run' and records[0]['dry_run']
@@ -60,6 +62,7 @@ def test_the_dry_run_writes_every_measurement_as_a_json_line(dry_run):
   assert order.index('e2e') > max(i for i, v in enumerate(order) if v == 'device')
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_the_table(dry_run):
   stdout, _ = dry_run
   assert 'ours host  ours device  torch eager  torch compile  ours/torch  MFU ours' in stdout
