@@ -40,6 +40,7 @@ import warnings
 from absl import logging
 
 import numpy as np
+import tqdm
 from PIL import Image
 from PIL import UnidentifiedImageError
 
@@ -268,9 +269,13 @@ def _decode_split(files: FileList, size: int, reasons: dict[str, str]):
       return i, e  # load_dataset names it, on this run and on every run using the cache
 
   kept, images = [], np.empty((len(files.paths), size, size, 3), np.uint8)
+  # A bar on a terminal only: an iNaturalist-size build takes minutes; logs get the one line.
+  bar = tqdm.tqdm(total=len(files.paths), unit='img', desc='decoding', leave=False,
+                  disable=not sys.stderr.isatty())
   # Two per core: while one thread reads a file or converts a result, the other decodes.
-  with concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
+  with bar, concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
     for i, img in pool.map(decode, range(len(files.paths))):
+      bar.update()
       if isinstance(img, ImageReadError):
         reasons[files.paths[i]] = str(img)
         continue
