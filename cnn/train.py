@@ -446,7 +446,7 @@ def _save_latest(run: Run, state: TrainState, loop: LoopState) -> None:
 
 
 def _save_mid_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums) -> None:
-  sums.check_finite(int(state.step) // run.steps_per_epoch + 1)
+  sums.check_finite((int(state.step) - 1) // run.steps_per_epoch + 1)  # the epoch of that step
   loop.sums, loop.epoch_time_s = sums.host()
   _save_latest(run, state, loop)
 
