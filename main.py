@@ -119,8 +119,7 @@ def resolve_config(mode: str, workdir: str):
   if MODES[mode][1]:
     from cnn import checkpoints
     from configs import default
-    config = default.get_config()  # fields added since that run was trained take their defaults
-    config.update(checkpoints.load_run_config(workdir))
+    config = checkpoints.load_run_config(workdir, default.get_config())
     config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
   return config
 

@@ -98,11 +98,18 @@ def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+def load_run_config(workdir: str,
+                    defaults: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The workdir's config.json, laid over `defaults` when given (configs/default.py's config):
+  fields added to the code after that run was trained then take their defaults."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise errors.WorkdirError(f'{path} not found: is {workdir!r} the workdir of a training run?')
   config = ml_collections.ConfigDict(read_json(path))
   if 'guided_bp_channels' in config:
     config.guided_bp_channels = tuple(config.guided_bp_channels)  # JSON gives a list
-  return config
+  if defaults is None:
+    return config
+  merged = defaults.copy_and_resolve_references()
+  merged.update(config)
+  return merged

@@ -291,11 +291,14 @@ def cache_name(config, splits: dict[str, FileList], class_names: list[str]) -> s
   return f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
 
 
-def _cache_root(cache_dir: str) -> pathlib.Path:
-  if cache_dir:
-    return pathlib.Path(cache_dir)
+def user_cache_root() -> pathlib.Path:
+  """$XDG_CACHE_HOME/inat_cnn (~/.cache/inat_cnn): the image cache and XLA's compilation cache."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return pathlib.Path(base) / 'inat_cnn'
+
+
+def _cache_root(cache_dir: str) -> pathlib.Path:
+  return pathlib.Path(cache_dir) if cache_dir else user_cache_root()
 
 
 @contextlib.contextmanager

@@ -606,9 +606,7 @@ def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
   """XLA's persistent cache, so a new process (`wandb agent` starts one a run) skips compiling."""
   if config.compilation_cache_dir == 'off' or jax.config.jax_compilation_cache_dir:
     return  # off, or already set (JAX_COMPILATION_CACHE_DIR, a test run, an earlier run)
-  path = config.compilation_cache_dir or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
-      'inat_cnn', 'jax')
+  path = config.compilation_cache_dir or str(input_pipeline.user_cache_root() / 'jax')
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 

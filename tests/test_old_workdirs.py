@@ -27,9 +27,8 @@ def _old_workdir(tmp_path, tiny_data_dir, tiny_cache_dir):
   saved = json.loads((workdir / 'config.json').read_text())
   saved.update(data_dir=str(tiny_data_dir), cache_dir=str(tiny_cache_dir))
   (workdir / 'config.json').write_text(json.dumps(saved))
-  config = default.get_config()  # as main.py does: new fields take their defaults
-  config.update(checkpoints.load_run_config(str(workdir)))
-  return workdir, config
+  # As main.py loads it: fields added since take their defaults.
+  return workdir, checkpoints.load_run_config(str(workdir), default.get_config())
 
 
 def test_an_old_workdir_resumes_where_it_stopped(tmp_path, tiny_data_dir, tiny_cache_dir, capsys):
