@@ -491,7 +491,6 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     config_lib.validate(config)
     callback = (_hyperband_callback(spec, workdir, name, stop_info)
                 if 'early_terminate' in spec else None)
-    print(f'sweep: run {claim["index"] + 1}: {name}', flush=True)
     summary = train_fn(config, run_dir, epoch_callback=callback)
     record['state'] = 'stopped' if stop_info else 'finished'
     record['num_params'] = summary.get('num_params')
@@ -587,6 +586,18 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
     return claim
 
 
+def _run_header(claim: dict, sweep_count: int, ended: list[dict]) -> str:
+  """`sweep: run 3/20: NAME (2 ended, 10.5 min a run)`: where the whole sweep stands.
+
+  No ETA: other workers (`--mode=sweep` on other machines) share the count.
+  """
+  line = f'sweep: run {claim["index"] + 1}/{sweep_count}: {claim["run"]}'
+  walls = [r['wall_time_s'] for r in ended if isinstance(r.get('wall_time_s'), (int, float))]
+  if walls:
+    line += f' ({len(ended)} ended, {sum(walls) / len(walls) / 60:.1f} min a run)'
+  return line
+
+
 def _append_result(workdir: str, record: dict) -> None:
   # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
   with _locked(sweep_files.sweep_lock_path(workdir)):
@@ -637,6 +648,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
         claim = _next_claim(workdir, spec, base, sweep_count, stack)
         if claim is None:
           break
+        print(_run_header(claim, sweep_count, sweep_files.read_results(workdir)), flush=True)
         record = _run_one(base, spec, workdir, claim, train_fn)
         _append_result(workdir, record)
       acc = record['best_val_acc']

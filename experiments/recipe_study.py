@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import time
@@ -38,8 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (config file, overrides). A --recipes entry may also be a config file path.
 RECIPES = {
-    # configs/optimal.py as it trained before the validation fix: running batch-norm averages.
-    'optimal_before_fix': ('configs/optimal.py', {'bn_stats': 'running'}),
+    # configs/optimal.py as it trained before the validation fix: running batch-norm averages,
+    # and patience on the raw val_acc from the first epoch on.
+    'optimal_before_fix': ('configs/optimal.py', {'bn_stats': 'running',
+                                                  'early_stopping_min_epochs': 0,
+                                                  'early_stopping_smoothing': 0.0}),
     'optimal': ('configs/optimal.py', {}),
     'tuned': ('configs/tuned.py', {}),
 }
@@ -109,6 +113,17 @@ def aggregate(rows: list[dict]) -> dict:
   return out
 
 
+def machine() -> str:
+  """The CPU the wall times were measured on (they change with it)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'{model}, {os.cpu_count()} cores'
+
+
 def commit() -> str:
   def git(*args):
     return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -123,6 +138,7 @@ def _cell(stats: dict, fmt: str = '.3f') -> str:
 def markdown(study: dict) -> str:
   lines = [f'# Recipe study ({study["commit"]}, {study["data_dir"]}, seeds '
            f'{", ".join(map(str, study["seeds"]))}, overrides {study["overrides"]})', '',
+           f'Wall times on {study.get("machine", "an unrecorded machine")}.', '',
            '| recipe | best hold-out val | test | val - test | epochs | wall time per run |',
            '|---|---|---|---|---|---|']
   for name, agg in study['recipes'].items():
@@ -152,7 +168,8 @@ def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) 
   by_recipe = {}
   for r in runs:
     by_recipe.setdefault(r['recipe'], []).append(r)
-  return {'commit': commit(), 'data_dir': common.get('data_dir'), 'seeds': seeds,
+  return {'commit': commit(), 'machine': machine(), 'data_dir': common.get('data_dir'),
+          'seeds': seeds,
           'overrides': {k: v for k, v in common.items() if k != 'data_dir'},
           'recipes': {k: aggregate(v) for k, v in by_recipe.items()}, 'runs': runs,
           'wall_time_s': time.time() - t0}

@@ -627,3 +627,11 @@ def test_main_sweep_and_sweep_report_modes(tiny_config, tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = (workdir / 'report' / 'summary.md').read_text()
   assert '2 runs: 2 finished' in summary
+
+
+def test_each_run_header_says_where_the_sweep_stands():
+  claim = {'index': 2, 'run': 'bs32-lr0.001'}
+  assert sweep._run_header(claim, 20, []) == 'sweep: run 3/20: bs32-lr0.001'
+  ended = [{'wall_time_s': 600.0}, {'wall_time_s': 660.0}, {'state': 'failed'}]
+  assert sweep._run_header(claim, 20, ended) == (
+      'sweep: run 3/20: bs32-lr0.001 (3 ended, 10.5 min a run)')
