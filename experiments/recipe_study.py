@@ -157,7 +157,7 @@ def markdown(study: dict) -> str:
 
 
 def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) -> dict:
-  t0, runs = time.time(), []
+  t0, runs, code = time.time(), [], commit()  # the code the runs start on, not the one at the end
   for recipe in recipes:
     for seed in seeds:
       name = pathlib.Path(recipe).stem if recipe not in RECIPES else recipe
@@ -168,7 +168,7 @@ def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) 
   by_recipe = {}
   for r in runs:
     by_recipe.setdefault(r['recipe'], []).append(r)
-  return {'commit': commit(), 'machine': machine(), 'data_dir': common.get('data_dir'),
+  return {'commit': code, 'machine': machine(), 'data_dir': common.get('data_dir'),
           'seeds': seeds,
           'overrides': {k: v for k, v in common.items() if k != 'data_dir'},
           'recipes': {k: aggregate(v) for k, v in by_recipe.items()}, 'runs': runs,
