@@ -11,9 +11,10 @@ config; on a 2-core CPU at 128 px, 30 epochs of configs/optimal.py take about 10
 continues where it stopped with the same command. A recipe is chosen by its hold-out val only;
 each finished run reads the test split once (its evaluation/test_metrics.json is reused after).
 
-Writes WORKDIR/study.json (every run, and per recipe the mean, standard deviation and spread
-(max - min) of best hold-out val, test accuracy, val - test, epochs and wall time, the commit it
-ran on and the study's own wall time) and WORKDIR/study.md (the same as tables).
+After every run (so a study cut short still reports) it writes WORKDIR/study.json (every run,
+and per recipe the mean, standard deviation and spread (max - min) of best hold-out val, test
+accuracy, val - test, epochs and wall time, the commit it ran on and the study's own wall time)
+and WORKDIR/study.md (the same as tables).
 """
 
 import ast
@@ -34,6 +35,8 @@ from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
+
+from cnn import atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -156,8 +159,27 @@ def markdown(study: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def tabulate(runs: list[dict], context: dict) -> dict:
+  """The study as it stands: `context` (commit, machine, ...) with each recipe's statistics."""
+  by_recipe = {}
+  for r in runs:
+    by_recipe.setdefault(r['recipe'], []).append(r)
+  return {**context, 'recipes': {k: aggregate(v) for k, v in by_recipe.items()}, 'runs': runs}
+
+
+def write_tables(study: dict, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  atomic.atomic_write(os.path.join(workdir, 'study.json'), lambda f: json.dump(study, f, indent=2))
+  atomic.atomic_write(os.path.join(workdir, 'study.md'), lambda f: f.write(markdown(study)))
+
+
 def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) -> dict:
-  t0, runs, code = time.time(), [], commit()  # the code the runs start on, not the one at the end
+  """Trains every (recipe, seed) in turn; the tables are rewritten after each run, so a study
+  cut short still reports the runs it finished."""
+  t0, runs = time.time(), []
+  context = {'commit': commit(),  # the code the runs start on, not the one at the end
+             'machine': machine(), 'data_dir': common.get('data_dir'), 'seeds': seeds,
+             'overrides': {k: v for k, v in common.items() if k != 'data_dir'}}
   for recipe in recipes:
     for seed in seeds:
       name = pathlib.Path(recipe).stem if recipe not in RECIPES else recipe
@@ -165,14 +187,9 @@ def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) 
       print(f'=== {name}, seed {seed}: {run_dir}', flush=True)
       runs.append({'recipe': name, 'seed': seed,
                    **run_one(recipe_config(recipe, seed, common), run_dir)})
-  by_recipe = {}
-  for r in runs:
-    by_recipe.setdefault(r['recipe'], []).append(r)
-  return {'commit': code, 'machine': machine(), 'data_dir': common.get('data_dir'),
-          'seeds': seeds,
-          'overrides': {k: v for k, v in common.items() if k != 'data_dir'},
-          'recipes': {k: aggregate(v) for k, v in by_recipe.items()}, 'runs': runs,
-          'wall_time_s': time.time() - t0}
+      study = tabulate(runs, {**context, 'wall_time_s': time.time() - t0})
+      write_tables(study, workdir)
+  return study
 
 
 def main(argv):
@@ -180,14 +197,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of every save at INFO
   common = {'data_dir': FLAGS.data_dir, 'wandb_mode': 'disabled'}
   common.update({k: _value(v) for k, v in (kv.split('=', 1) for kv in FLAGS.set)})
-  study = run_study(FLAGS.recipes, [int(s) for s in FLAGS.seeds], common, FLAGS.workdir)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  with open(os.path.join(FLAGS.workdir, 'study.json'), 'w') as f:
-    json.dump(study, f, indent=2)
-  text = markdown(study)
-  with open(os.path.join(FLAGS.workdir, 'study.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  print(markdown(run_study(FLAGS.recipes, [int(s) for s in FLAGS.seeds], common, FLAGS.workdir)))
 
 
 if __name__ == '__main__':

@@ -37,6 +37,9 @@ def test_study_trains_each_seed_once_and_tabulates_mean_and_spread(tiny_data_dir
   assert agg['spread'] == pytest.approx(max(values) - min(values))
   table = recipe_study.markdown(study)
   assert '| tiny_recipe |' in table and f'{agg["mean"]:.3f} ±' in table
+  # The tables are on disk (rewritten after each run, so a cut-off study still reports).
+  assert (tmp_path / 'study' / 'study.md').read_text() == table
+  assert json.load(open(tmp_path / 'study' / 'study.json'))['runs'] == runs
   # The same study again finds every run finished and reuses its one test read.
   capsys.readouterr()
   again = recipe_study.run_study([str(recipe)], [0, 1], common, str(tmp_path / 'study'))
