@@ -180,6 +180,7 @@ def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) 
   context = {'commit': commit(),  # the code the runs start on, not the one at the end
              'machine': machine(), 'data_dir': common.get('data_dir'), 'seeds': seeds,
              'overrides': {k: v for k, v in common.items() if k != 'data_dir'}}
+  study = tabulate(runs, {**context, 'wall_time_s': 0.0})  # no recipes or seeds: empty tables
   for recipe in recipes:
     for seed in seeds:
       name = pathlib.Path(recipe).stem if recipe not in RECIPES else recipe
