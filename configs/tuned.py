@@ -11,12 +11,13 @@ an EMA of hold-out accuracy, so a lucky epoch on a small hold-out does not win i
 
 How it was chosen (hold-out val only, seed 0, monkeys10 at 128 px, 30 epochs): this recipe on
 optimal.py's architecture reached best val 0.826, with the widening architecture 0.862.
-Measured (README "Results": monkeys10 at 128 px, 30 epochs, seeds 0, 1, 2, 2-core AMD EPYC):
+Measured (README "Results": one study on commit 69b4847, monkeys10 at 128 px, 30 epochs,
+seeds 0, 1, 2, 2-core AMD EPYC):
 
   recipe                          best hold-out val        test                     wall a seed
-  optimal.py before the val fix   0.783 +- 0.043 (0.083)   0.714 +- 0.046 (0.081)   12.7 min
-  optimal.py                      0.847 +- 0.045 (0.083)   0.799 +- 0.015 (0.029)   11.3 min
-  tuned.py                        0.875 +- 0.011 (0.018)   0.868 +- 0.029 (0.051)   13.8 min
+  optimal.py before the val fix   0.783 +- 0.043 (0.083)   0.714 +- 0.046 (0.081)   11.2 min
+  optimal.py                      0.847 +- 0.045 (0.083)   0.799 +- 0.015 (0.029)   12.5 min
+  tuned.py                        0.875 +- 0.011 (0.018)   0.868 +- 0.029 (0.051)   13.7 min
   (mean +- standard deviation (spread); tuned.py per seed: test 0.882, 0.835, 0.886)
 
 On stand-ins at 96 px (seed 0) it beats optimal.py too: 30% of the training images, test 0.706

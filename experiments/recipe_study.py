@@ -5,11 +5,12 @@
         --set=image_size=128,num_epochs=30
 
 How long it takes: one run per (recipe, seed), each as long as `python main.py` with that
-config; on a 2-core CPU at 128 px, 30 epochs of configs/optimal.py take about 10 minutes, so
-3 recipes x 3 seeds is about an hour and a half. Every run has its own workdir
-(WORKDIR/<recipe>/seed_<k>) and resumes through `train_and_evaluate`, so an interrupted study
-continues where it stopped with the same command. A recipe is chosen by its hold-out val only;
-each finished run reads the test split once (its evaluation/test_metrics.json is reused after).
+config; on a 2-core CPU at 128 px, 30 epochs of configs/optimal.py take about 12.5 minutes and
+of configs/tuned.py about 13.7, so 3 recipes x 3 seeds is about 2 hours (114 min measured).
+Every run has its own workdir (WORKDIR/<recipe>/seed_<k>) and resumes through
+`train_and_evaluate`, so an interrupted study continues where it stopped with the same command.
+A recipe is chosen by its hold-out val only; each finished run reads the test split once (its
+evaluation/test_metrics.json is reused after).
 
 After every run (so a study cut short still reports) it writes WORKDIR/study.json (every run,
 and per recipe the mean, standard deviation and spread (max - min) of best hold-out val, test
