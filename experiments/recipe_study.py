@@ -20,7 +20,6 @@ and WORKDIR/study.md (the same as tables).
 
 import ast
 import importlib.util
-import json
 import os
 import pathlib
 import platform
@@ -36,8 +35,6 @@ from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
-
-from cnn import atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,13 +86,13 @@ def recipe_config(recipe: str, seed: int, common: dict) -> ml_collections.Config
 
 def run_one(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes, or finds finished) one run, then its one read of the test split."""
+  from cnn import checkpoints  # pylint: disable=g-import-not-at-top
   from cnn import evaluate  # pylint: disable=g-import-not-at-top
   from cnn import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, workdir)
   test_path = os.path.join(workdir, 'evaluation', 'test_metrics.json')
   if os.path.exists(test_path):
-    with open(test_path) as f:
-      test = json.load(f)
+    test = checkpoints.read_json(test_path)
   else:
     test = evaluate.evaluate(config, workdir)
   return {'best_val_accuracy': summary['best_val_accuracy'],
@@ -169,8 +166,10 @@ def tabulate(runs: list[dict], context: dict) -> dict:
 
 
 def write_tables(study: dict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  atomic.atomic_write(os.path.join(workdir, 'study.json'), lambda f: json.dump(study, f, indent=2))
+  """Atomically, so a reader never sees half a table; workdir exists: the runs are under it."""
+  from cnn import atomic  # pylint: disable=g-import-not-at-top
+  from cnn import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.write_json(os.path.join(workdir, 'study.json'), study)
   atomic.atomic_write(os.path.join(workdir, 'study.md'), lambda f: f.write(markdown(study)))
 
 
