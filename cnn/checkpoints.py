@@ -4,11 +4,13 @@
     WORKDIR/metrics.jsonl        one line per finished epoch
     WORKDIR/summary.json         written when training ends
     WORKDIR/checkpoints/latest/  full TrainState + progress (resume from here)
-    WORKDIR/checkpoints/best/    params + batch stats of the best validation epoch
+    WORKDIR/checkpoints/best/    params + batch stats the best validation epoch scored with
+                                 (the weights' EMA when config.ema_epochs is on)
 Orbax writes each checkpoint into a temporary folder and renames it, so a kill mid-write
 leaves the previous checkpoint intact.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -49,19 +51,27 @@ def _restore(workdir: str, which: str, target: Any = None) -> tuple[Any, dict] |
   return restored.state, restored.meta
 
 
+def _fields(state: Any) -> dict:
+  """The dataclass state's fields that are not None, as a dict: a run without an optional
+  field (an EMA of the weights) saves the very tree that runs saved before the field existed,
+  so checkpoints of either age restore."""
+  values = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  return {k: v for k, v in values.items() if v is not None}
+
+
 def save_latest(workdir: str, state: Any, meta: dict) -> None:
-  _save(workdir, 'latest', int(state.step), state, meta)
+  _save(workdir, 'latest', int(state.step), _fields(state), meta)
 
 
 def restore_latest(workdir: str, target: Any) -> tuple[Any, dict] | None:
   """(state shaped and sharded like `target`, progress meta), or None without a checkpoint."""
-  return _restore(workdir, 'latest', target)
+  restored = _restore(workdir, 'latest', _fields(target))
+  return None if restored is None else (target.replace(**restored[0]), restored[1])
 
 
-def save_best(workdir: str, state: Any, meta: dict) -> None:
+def save_best(workdir: str, step: int, variables: dict, meta: dict) -> None:
   # As host numpy arrays: restorable on any device topology (trained on 8 TPUs, read on a CPU).
-  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  _save(workdir, 'best', int(state.step), variables, meta)
+  _save(workdir, 'best', step, jax.device_get(variables), meta)
 
 
 def restore_best(workdir: str) -> tuple[dict, dict]:

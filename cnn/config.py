@@ -86,6 +86,7 @@ FIELD_ROLES: dict[str, Role] = {
     'bn_stats': RUN,  # chooses the checkpoint: part of the run
     'precise_bn_images': RUN,
     'tta_flip': RUN,
+    'ema_epochs': RUN,  # which weights are validated and kept
     'bn_gap_images': SETTING,  # a diagnostic only
     # Logging and checkpoints.
     'wandb_mode': SHARED,
@@ -217,6 +218,10 @@ def _validate_recipe(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
   _check(0 <= c.bn_momentum < 1, f'bn_momentum={c.bn_momentum} must be in [0, 1), e.g. 0.99')
   _check(c.bn_stats in BN_STATS, f'bn_stats={c.bn_stats!r} is not one of {BN_STATS}')
+  _check(c.ema_epochs >= 0, f'ema_epochs={c.ema_epochs} must be >= 0 (0 turns the EMA off)')
+  _check(not (c.ema_epochs and c.batch_norm and c.bn_stats == 'running'),
+         "ema_epochs needs bn_stats='precise' with batch_norm: the running statistics belong "
+         'to the weights, not to their average. Use --config.bn_stats=precise')
   _check(c.device_data in DEVICE_DATA, f'device_data={c.device_data!r} is not one of {DEVICE_DATA}')
   _check(0 < c.device_data_max_fraction <= 1,
          f'device_data_max_fraction={c.device_data_max_fraction} must be in (0, 1]')

@@ -36,6 +36,7 @@ from cnn import input_pipeline
 from cnn import metrics_writer
 from cnn import models
 from cnn import progress
+from configs import default
 
 EpochCallback = Callable[[int, dict[str, float]], bool]
 TrainingDiverged = errors.TrainingDiverged
@@ -48,10 +49,16 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key; step t uses fold_in(rng, t), so resuming repeats the run
+  ema_params: Any = None  # the weights' moving average (config.ema_epochs); None when off
 
   @property
   def variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  @property
+  def validated_params(self) -> Any:
+    """The weights that validation scores and the best checkpoint keeps."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 class Preempted(SystemExit):
@@ -66,12 +73,13 @@ class Program:
   momentum: float  # sgd and rmsprop only (0 otherwise, so it does not split the cache)
   data_aug: bool
   tta_flip: bool
+  ema: bool = False  # the step also updates state.ema_params (its decay is traced)
 
 
 def program_for(config: ml_collections.ConfigDict, num_classes: int) -> Program:
   momentum = float(config.momentum) if config.optimizer in ('sgd', 'rmsprop') else 0.0
   return Program(models.create_model(config, num_classes), config.optimizer, momentum,
-                 bool(config.data_aug), bool(config.tta_flip))
+                 bool(config.data_aug), bool(config.tta_flip), bool(config.ema_epochs))
 
 
 def _unit_optimizer(name: str, momentum: float) -> optax.GradientTransformation:
@@ -102,6 +110,9 @@ def hyperparams(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict
       'weight_decay': config.weight_decay if config.optimizer == 'adamw' else 0.0,
       'label_smoothing': config.label_smoothing,
       'aug': augment.ranges_from_config(config),
+      # Per step, so the average spans ema_epochs whatever the dataset's size.
+      'ema_decay': max(0.0, 1 - 1 / (config.ema_epochs * steps_per_epoch))
+                   if config.ema_epochs else 0.0,
   }
   return jax.tree_util.tree_map(np.float32, hp)
 
@@ -116,15 +127,27 @@ def learning_rate(hp: dict, step: jax.Array) -> jax.Array:
   return hp['learning_rate'] * warm * decay
 
 
+def ema_update(hp: dict, step: jax.Array, ema: Any, params: Any) -> Any:
+  """The average after step `step` (0-based) of all weights so far, step s weighted by
+  decay**(step - s) and normalised, so it is the weights themselves after the first step
+  rather than a pull towards the random initialisation (Adam's bias correction)."""
+  d = hp['ema_decay']
+  w = (1 - d) / (1 - d ** (step.astype(jnp.float32) + 1))
+  return jax.tree_util.tree_map(lambda e, p: e + w * (p - e), ema, params)
+
+
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
                        rng: jax.Array) -> TrainState:
   """Fresh parameters, batch statistics and optimizer state for `config`."""
   model = models.create_model(config, num_classes)
   init_rng, state_rng = jax.random.split(rng)
   variables = models.init_variables(model, config.image_size, init_rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+  params = variables['params']
+  # A copy: the train step donates the state, and one buffer cannot be donated twice.
+  ema = jax.tree_util.tree_map(jnp.copy, params) if config.ema_epochs else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}),
-                    opt_state=make_optimizer(config).init(variables['params']), rng=state_rng)
+                    opt_state=make_optimizer(config).init(params), rng=state_rng, ema_params=ema)
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -166,6 +189,9 @@ def _train_step(program: Program, tx: optax.GradientTransformation, state: Train
   new_state = state.replace(step=state.step + 1, params=new_params,
                             batch_stats=updates.get('batch_stats', state.batch_stats),
                             opt_state=opt_state)
+  if program.ema:
+    new_state = new_state.replace(
+        ema_params=ema_update(hp, state.step, state.ema_params, new_params))
   # A finite loss can still give non-finite parameters (an overflowing update); they must never
   # reach a checkpoint, so they count as divergence at this step too.
   finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
@@ -246,22 +272,24 @@ def fixed_sample(labels: np.ndarray, n: int, batch_size: int, seed: int) -> np.n
   return np.random.default_rng(seed).permutation(len(labels))[:k]
 
 
-def precise_batch_stats(steps: Steps, state: TrainState, images: np.ndarray, batch_size: int,
+def precise_batch_stats(steps: Steps, variables: dict, images: np.ndarray, batch_size: int,
                         mesh: Mesh) -> Any:
-  """Batch-norm statistics averaged over `images` in training-size batches ("precise BN").
+  """Batch-norm statistics of `variables` averaged over `images` in training-size batches
+  ("precise BN").
 
   The running averages at momentum 0.99 lag the weights by ~100 steps, more than an epoch of a
-  small dataset; the average of the current weights' batch statistics does not lag.
+  small dataset, and belong to the weights, not to their moving average; the average of these
+  weights' own batch statistics does neither.
   """
   total, n = None, len(images) // batch_size
   for i in range(n):
     batch = feeding.shard_batch({'image': images[i * batch_size:(i + 1) * batch_size]}, mesh)
-    stats = steps.batch_stats(state.variables, batch['image'])
+    stats = steps.batch_stats(variables, batch['image'])
     total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
   return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
-def bn_gap(steps: Steps, state: TrainState, arrays: tuple[np.ndarray, np.ndarray],
+def bn_gap(steps: Steps, variables: dict, arrays: tuple[np.ndarray, np.ndarray],
            batch_size: int, mesh: Mesh) -> dict[str, float]:
   """Accuracy with batch statistics vs in eval mode on the same un-augmented images."""
   images, labels = arrays
@@ -269,8 +297,8 @@ def bn_gap(steps: Steps, state: TrainState, arrays: tuple[np.ndarray, np.ndarray
   for i in range(len(labels) // batch_size):
     batch = {'image': images[i * batch_size:(i + 1) * batch_size],
              'label': labels[i * batch_size:(i + 1) * batch_size]}
-    correct += float(steps.train_mode_correct(state.variables, feeding.shard_batch(batch, mesh)))
-  _, eval_acc = evaluate_arrays(steps, state.variables, arrays, batch_size, mesh)
+    correct += float(steps.train_mode_correct(variables, feeding.shard_batch(batch, mesh)))
+  _, eval_acc = evaluate_arrays(steps, variables, arrays, batch_size, mesh)
   train_acc = correct / len(labels)
   return {'bn_gap_train_mode_acc': train_acc, 'bn_gap_eval_mode_acc': eval_acc,
           'bn_gap': train_acc - eval_acc}
@@ -493,18 +521,33 @@ def _finish_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
   return state, _EpochSums((0.0, 0.0, 0.0), 0.0)
 
 
+def _validated_variables(run: Run, state: TrainState) -> tuple[TrainState, dict]:
+  """(state, the eval-mode variables validation scores): the weights or their EMA, with batch
+  statistics from precise BN (bn_stats='precise') or the running averages.
+
+  Without an EMA the state takes the precise statistics too, as it always has: they are what
+  its latest checkpoint holds.
+  """
+  c = run.config
+  variables = {'params': state.validated_params, 'batch_stats': state.batch_stats}
+  if c.bn_stats == 'precise' and state.batch_stats:
+    variables['batch_stats'] = precise_batch_stats(run.steps, variables, run.bn_images,
+                                                   c.batch_size, run.mesh)
+    if state.ema_params is None:
+      state = state.replace(batch_stats=variables['batch_stats'])
+  return state, variables
+
+
 def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums) -> TrainState:
   """Validates, logs, checkpoints and decides on early stopping after a finished epoch."""
   epoch, c = int(state.step) // run.steps_per_epoch, run.config
   sums.check_finite(epoch)
   train_metrics = sums.metrics()
   t0 = time.time()
-  if c.bn_stats == 'precise' and state.batch_stats:
-    state = state.replace(batch_stats=precise_batch_stats(run.steps, state, run.bn_images,
-                                                          c.batch_size, run.mesh))
+  state, variables = _validated_variables(run, state)
   if c.bn_gap_images:  # of the eval-mode model that is validated next
-    train_metrics.update(bn_gap(run.steps, state, run.gap_arrays, c.batch_size, run.mesh))
-  val_loss, val_acc = evaluate_arrays(run.steps, state.variables, (
+    train_metrics.update(bn_gap(run.steps, variables, run.gap_arrays, c.batch_size, run.mesh))
+  val_loss, val_acc = evaluate_arrays(run.steps, variables, (
       run.data.holdout_images, run.data.holdout_labels), c.eval_batch_size, run.mesh)
   if not np.isfinite(val_loss):  # finite parameters that are useless: not a checkpoint to keep
     raise TrainingDiverged(f'the validation loss became NaN/inf after step {int(state.step)} '
@@ -512,8 +555,8 @@ def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
   metrics = {**train_metrics, 'val_loss': val_loss, 'val_acc': val_acc, 'step': int(state.step),
              'eval_time_s': time.time() - t0}  # precise BN (and the bn_gap diagnostic) included
   if loop.stopping.update(epoch, val_acc, c):
-    checkpoints.save_best(run.workdir, state, {'epoch': epoch, 'val_acc': val_acc,
-                                               'class_names': run.data.class_names})
+    checkpoints.save_best(run.workdir, int(state.step), variables, {
+        'epoch': epoch, 'val_acc': val_acc, 'class_names': run.data.class_names})
   if run.epoch_callback is not None and run.epoch_callback(epoch, metrics):
     loop.stopping.stopped_early_by = 'callback'
   loop.sums, loop.epoch_time_s = (0.0, 0.0, 0.0), 0.0
@@ -530,8 +573,10 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  listed = config_lib.config_diff(config_lib.run_fields(checkpoints.read_json(path)),
-                                  config_lib.run_fields(config))
+  # A field the old run's config.json lacks had its default there (it was added since).
+  old = {**config_lib.run_fields(default.get_config()),
+         **config_lib.run_fields(checkpoints.read_json(path))}
+  listed = config_lib.config_diff(old, config_lib.run_fields(config))
   if not listed:
     return
   if not config.new_run:
@@ -583,6 +628,8 @@ def _summary(run: Run, state: TrainState, loop: LoopState, timing: dict) -> dict
       'model_selection': (f'val_acc EMA (smoothing {run.config.early_stopping_smoothing})'
                           if run.config.early_stopping_smoothing else 'val_acc'),
       'bn_stats': run.config.bn_stats,
+      'validated_weights': (f'EMA over {run.config.ema_epochs:g} epochs'
+                            if run.config.ema_epochs else 'the weights'),
       'epochs_run': len(history),
       'final_val_accuracy': history[-1]['val_acc'] if history else None,
       'stopped_early_by': s.stopped_early_by,

@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
   # which lags by ~1/(1 - bn_momentum) steps).
   c.bn_stats = 'precise'
   c.precise_bn_images = 192  # a fixed, seeded set of training images (whole batches of batch_size)
+  # Validate (and keep as the best checkpoint, which evaluate, predict and guided_bp read) an
+  # exponential moving average of the weights over about this many epochs; 0 = the weights.
+  c.ema_epochs = 0.0
   # Average each image's prediction with its mirror's: validation, evaluate, predict.
   c.tta_flip = False
   # Diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images.

@@ -45,4 +45,5 @@ def get_config():
   c.tta_flip = True
   c.early_stopping_patience = 0  # the cosine schedule runs to its end
   c.early_stopping_smoothing = 0.5
+  c.ema_epochs = 3.0  # validate and keep an EMA of the weights over ~3 epochs
   return c

@@ -47,6 +47,8 @@ RECIPES = {
                                                   'early_stopping_smoothing': 0.0}),
     'optimal': ('configs/optimal.py', {}),
     'tuned': ('configs/tuned.py', {}),
+    # configs/tuned.py before it validated an EMA of the weights (commit 69b4847).
+    'tuned_before_ema': ('configs/tuned.py', {'ema_epochs': 0.0}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
 

@@ -180,3 +180,12 @@ def test_config_diff_lists_changed_fields_in_order():
   new = config_lib.run_fields(_config(seed=3, kernel_size=5))
   assert config_lib.config_diff(old, new) == 'kernel_size: 3 -> 5, seed: 0 -> 3'
   assert config_lib.config_diff({'a': 1}, {}) == 'a: 1 -> None'
+
+
+def test_ema_of_the_weights_needs_its_own_batch_statistics():
+  assert 'ema_epochs=-1.0 must be >= 0' in _error(ema_epochs=-1.0)
+  message = _error(ema_epochs=2.0, batch_norm=True, bn_stats='running')
+  assert "ema_epochs needs bn_stats='precise' with batch_norm" in message
+  assert '--config.bn_stats=precise' in message
+  config_lib.validate(_config(ema_epochs=2.0, batch_norm=False, bn_stats='running'))
+  config_lib.validate(_config(ema_epochs=2.0, batch_norm=True, bn_stats='precise'))

@@ -10,8 +10,10 @@ import pathlib
 import shutil
 
 import numpy as np
+import pytest
 
 from cnn import checkpoints
+from cnn import errors
 from cnn import evaluate
 from cnn import predict
 from cnn import train
@@ -55,3 +57,13 @@ def test_an_old_workdir_evaluates_and_predicts(tmp_path, tiny_data_dir, tiny_cac
   (result,) = predict.predict_files(model, variables, names, [str(photo)], config.image_size)
   assert not result.error and len(result.top) == 3
   assert abs(sum(p for _, p in result.top) - 1) < 1e-5
+
+
+def test_an_old_workdir_refuses_a_field_added_since_at_another_value(tmp_path, tiny_data_dir,
+                                                                    tiny_cache_dir):
+  """Its checkpoint has no EMA of the weights: resuming it with one must say so, not crash."""
+  workdir, config = _old_workdir(tmp_path, tiny_data_dir, tiny_cache_dir)
+  config.num_epochs, config.ema_epochs = 3, 2.0
+  with pytest.raises(errors.WorkdirError, match=r'ema_epochs: 0\.0 -> 2\.0.*--config\.new_run'):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoints.restore_best(str(workdir))[1]['epoch'] == 2  # the old run is untouched

@@ -223,3 +223,71 @@ def test_eval_mode_statistics_are_the_current_weights_batch_statistics(tiny_conf
   close = (np.allclose(stats['mean'], expected_mean, rtol=1e-4, atol=1e-5)
            and np.allclose(stats['var'], expected_var, rtol=1e-4, atol=1e-5))
   assert close == (bn_stats == 'precise')
+
+
+def _ema_config(tiny_config, **overrides):
+  tiny_config.update(dict(batch_norm=True, ema_epochs=1.0, precise_bn_images=48, **overrides))
+  return tiny_config
+
+
+def test_ema_is_the_moving_average_of_the_weights_after_each_step(tiny_config):
+  """ema_epochs=1 at 6 steps an epoch: decay 5/6, and after k steps each step's weights count
+  in proportion to decay**age (the normalised exponential average)."""
+  config = _ema_config(tiny_config)
+  data = input_pipeline.load_dataset(config)
+  steps = train.steps_for(train.program_for(config, 3))
+  hp = train.hyperparams(config, steps_per_epoch=6)
+  state = train.create_train_state(config, 3, jax.random.PRNGKey(0))
+  history = []
+  for t in range(8):
+    idx = np.arange(8 * (t % 6), 8 * (t % 6 + 1))
+    state, _ = steps.train(state, {'image': data.train_images[idx],
+                                   'label': data.train_labels[idx]}, hp)
+    history.append(jax.tree_util.tree_map(np.array, state.params))
+  weights = (5 / 6) ** np.arange(7, -1, -1)
+  expected = jax.tree_util.tree_map(
+      lambda *ps: sum(w * p for w, p in zip(weights, ps)) / weights.sum(), *history)
+  for ours, want in zip(*map(jax.tree_util.tree_leaves, (state.ema_params, expected))):
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in zip(  # an average, not the last weights
+      *map(jax.tree_util.tree_leaves, (state.ema_params, state.params))))
+
+
+def test_with_ema_the_best_checkpoint_holds_the_average_that_was_validated(tiny_config,
+                                                                         tmp_path):
+  """What evaluate, predict and guided_bp read (the best checkpoint) is the EMA with its own
+  precise batch statistics, and scoring it again gives the val_acc that chose it."""
+  config = _ema_config(tiny_config, num_epochs=1)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['validated_weights'] == 'EMA over 1 epochs'
+  best, meta = checkpoints.restore_best(str(tmp_path))
+  template = train.create_train_state(config, 3, jax.random.PRNGKey(0))
+  latest, _ = checkpoints.restore_latest(str(tmp_path), template)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (best['params'], latest.ema_params))):
+    np.testing.assert_array_equal(a, b)
+  data = input_pipeline.load_dataset(config)
+  steps = train.steps_for(train.program_for(config, 3))
+  mesh = feeding.make_mesh()
+  bn_images = data.train_images[train.fixed_sample(data.train_labels, 48, 8, config.seed)]
+  stats = train.precise_batch_stats(steps, {'params': best['params'],
+                                            'batch_stats': latest.batch_stats},
+                                    bn_images, 8, mesh)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (best['batch_stats'], stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _, acc = train.evaluate_arrays(steps, best, (data.holdout_images, data.holdout_labels), 16,
+                                 mesh)
+  assert acc == meta['val_acc']
+
+
+def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_config, tmp_path):
+  config = _ema_config(tiny_config, num_epochs=2, data_aug=True)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  config.num_epochs = 2  # one more epoch: resumes the EMA from the latest checkpoint
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert resumed['best_val_accuracy'] == straight['best_val_accuracy']
+  assert (_comparable(_metrics(tmp_path / 'resumed'))
+          == _comparable(_metrics(tmp_path / 'straight')))
+  for a, b in zip(_best_params(tmp_path / 'resumed'), _best_params(tmp_path / 'straight')):
+    np.testing.assert_array_equal(a, b)
