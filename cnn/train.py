@@ -570,13 +570,11 @@ def _end_of_epoch(run: Run, state: TrainState, loop: LoopState, sums: _EpochSums
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir whose run has another config, unless new_run moves that run aside."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
     return
-  # A field the old run's config.json lacks had its default there (it was added since).
-  old = {**config_lib.run_fields(default.get_config()),
-         **config_lib.run_fields(checkpoints.read_json(path))}
-  listed = config_lib.config_diff(old, config_lib.run_fields(config))
+  # Laid over the defaults: a field added since the old run had its default there.
+  old = checkpoints.load_run_config(workdir, default.get_config())
+  listed = config_lib.config_diff(config_lib.run_fields(old), config_lib.run_fields(config))
   if not listed:
     return
   if not config.new_run:
