@@ -6,7 +6,9 @@ reference's transforms and ranges (`REFERENCE`). Each range is a field of the co
 (`aug_flip`, `aug_rotation`, ...) and a traced value of the train step, so runs that differ only
 in augmentation strength share one compiled step. `aug_crop_min_scale` < 1 adds a
 random-resized crop (area fraction in [min_scale, 1], aspect ratio in [3/4, 4/3]) in the same
-warp. Pure: the same key gives the same images, so a resumed run repeats its augmentations.
+warp. `aug_erase` > 0 adds random erasing (Zhong et al., 2020): with that probability a
+rectangle of 2-33% of the image, aspect ratio in [0.3, 3.3], is filled with the image's mean
+colour. Pure: the same key gives the same images, so a resumed run repeats its augmentations.
 """
 
 import math
@@ -16,8 +18,11 @@ import jax.numpy as jnp
 
 # The reference's ranges; configs/default.py's aug_* fields default to these.
 REFERENCE = {'flip': 1.0, 'rotation': 20.0, 'shift': 0.2, 'zoom': 0.2, 'brightness': 0.2,
-             'crop_min_scale': 1.0}
+             'crop_min_scale': 1.0, 'erase': 0.0}
 _LOG_MAX_RATIO = math.log(4 / 3)
+# Random erasing's ranges, Zhong et al.'s: the erased share of the area, and log(height / width).
+_ERASE_AREA = (0.02, 1 / 3)
+_LOG_MAX_ERASE_RATIO = math.log(1 / 0.3)
 
 
 def ranges_from_config(config) -> dict[str, float]:
@@ -60,8 +65,27 @@ def _sample_grid(key: jax.Array, shape: tuple[int, int],
   return src_r, src_c
 
 
+def _erase(key: jax.Array, image: jax.Array, prob: jax.Array) -> jax.Array:
+  """With probability `prob`, a random rectangle of `image` (H, W, C) set to its mean colour."""
+  h, w, _ = image.shape
+  k_on, k_area, k_ratio, k_pos = jax.random.split(key, 4)
+  area = jax.random.uniform(k_area, (), minval=_ERASE_AREA[0], maxval=_ERASE_AREA[1]) * h * w
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (), minval=-_LOG_MAX_ERASE_RATIO,
+                                     maxval=_LOG_MAX_ERASE_RATIO))
+  size = jnp.minimum(jnp.sqrt(area * jnp.stack([ratio, 1 / ratio])), jnp.array([h, w]))
+  top, left = jax.random.uniform(k_pos, (2,)) * (jnp.array([h, w]) - size)
+  rows, cols = jnp.arange(h), jnp.arange(w)
+  inside = (((rows >= top) & (rows < top + size[0]))[:, None]
+            & ((cols >= left) & (cols < left + size[1]))[None, :])
+  erased = inside & jax.random.bernoulli(k_on, prob)
+  return jnp.where(erased[..., None], image.mean((0, 1)), image)
+
+
 def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
   k_geo, k_bright = jax.random.split(key)
+  # Not a third member of that split: it would change the other two, and every augmented run
+  # made before erasing existed. split(key)[i] is fold_in(key, i), so 2 is a key of its own.
+  k_erase = jax.random.fold_in(key, 2)
   h, w, _ = image.shape
   src_r, src_c = _sample_grid(k_geo, (h, w), ranges)
   warp = lambda channel: jax.scipy.ndimage.map_coordinates(
@@ -69,7 +93,7 @@ def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
   out = jax.vmap(warp, in_axes=2, out_axes=2)(image)
   jitter = jax.random.uniform(k_bright, (), minval=-1.0, maxval=1.0)
   brightness = 1.0 + jitter * ranges['brightness']
-  return jnp.clip(out * brightness, 0.0, 1.0)
+  return _erase(k_erase, jnp.clip(out * brightness, 0.0, 1.0), ranges['erase'])
 
 
 def augment(key: jax.Array, images: jax.Array, ranges: dict | None = None) -> jax.Array:

@@ -81,6 +81,7 @@ FIELD_ROLES: dict[str, Role] = {
     'aug_zoom': RUN,
     'aug_crop_min_scale': RUN,
     'aug_brightness': RUN,
+    'aug_erase': RUN,
     # Batch norm and validation.
     'bn_momentum': RUN,
     'bn_stats': RUN,  # chooses the checkpoint: part of the run
@@ -235,6 +236,8 @@ def _validate_recipe(c: ml_collections.ConfigDict) -> None:
          f'aug_zoom={c.aug_zoom} and aug_brightness={c.aug_brightness} must be below 1')
   _check(0 < c.aug_crop_min_scale <= 1,
          f'aug_crop_min_scale={c.aug_crop_min_scale} must be in (0, 1]; 1 means no crop')
+  _check(0 <= c.aug_erase <= 1,
+         f'aug_erase={c.aug_erase} must be a probability in [0, 1] (0 turns erasing off)')
 
 
 # The fields of the reference's run names, in its order.

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
   c.aug_zoom = 0.2  # per-axis zoom factor uniform in [1 - aug_zoom, 1 + aug_zoom]
   c.aug_brightness = 0.2  # brightness factor uniform in [1 - aug_brightness, 1 + aug_brightness]
   c.aug_crop_min_scale = 1.0  # random-resized crop of area fraction [this, 1]; 1.0 = no crop
+  c.aug_erase = 0.0  # probability of random erasing: 2-33% of the image set to its mean colour
 
   # Model (names as in the reference's sweep).
   c.conv_layers = 5  # conv -> [BN] -> activation -> 2x2 max-pool blocks

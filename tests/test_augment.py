@@ -70,3 +70,21 @@ def test_random_resized_crop_zooms_into_part_of_the_image():
   assert span(cropped).max() < 1.0 + 1e-5 and span(cropped).mean() < 0.85
   # The narrowest crop allowed: area 1/4 at aspect ratio 3/4, sqrt(1/4 * 3/4) = 0.43 of the width.
   assert span(cropped).min() > 0.42
+
+
+def test_random_erasing_fills_one_rectangle_of_each_chosen_image_with_its_mean_colour():
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(128, 30, 36, 3)), jnp.float32)
+  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
+  kept = np.asarray(augment.augment(jax.random.PRNGKey(8), x, none))
+  erased = np.asarray(augment.augment(jax.random.PRNGKey(8), x, dict(none, erase=0.5)))
+  changed = np.abs(erased - kept).max(-1) > 0  # (B, H, W)
+  chosen = changed.any((1, 2))
+  assert 0.35 < chosen.mean() < 0.65
+  for i in np.flatnonzero(chosen):
+    rows, cols = np.flatnonzero(changed[i].any(1)), np.flatnonzero(changed[i].any(0))
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert changed[i].sum() == box  # one filled rectangle
+    assert 0.015 < box / (30 * 36) < 0.36  # 2-33% of the area, up to whole pixels
+    np.testing.assert_allclose(erased[i][changed[i]], np.broadcast_to(
+        kept[i].mean((0, 1)), (box, 3)), rtol=1e-5)
+  np.testing.assert_array_equal(erased[~chosen], kept[~chosen])

@@ -189,3 +189,13 @@ def test_ema_of_the_weights_needs_its_own_batch_statistics():
   assert '--config.bn_stats=precise' in message
   config_lib.validate(_config(ema_epochs=2.0, batch_norm=False, bn_stats='running'))
   config_lib.validate(_config(ema_epochs=2.0, batch_norm=True, bn_stats='precise'))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('aug_rotation', -5.0, 'aug_rotation=-5.0 must be >= 0'),
+    ('aug_zoom', 1.0, 'must be below 1'),
+    ('aug_crop_min_scale', 0.0, 'aug_crop_min_scale=0.0 must be in (0, 1]'),
+    ('aug_erase', 1.5, 'aug_erase=1.5 must be a probability in [0, 1]'),
+    ('aug_erase', -0.1, 'aug_erase=-0.1 must be a probability in [0, 1]')])
+def test_augmentation_strengths_out_of_range_are_refused(field, value, message):
+  assert message in _error(**{field: value})

@@ -29,6 +29,7 @@ from cnn import sweep
 from cnn import sweep_files
 from configs import default
 from configs import optimal
+from configs import tuned
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SPACE = {
@@ -635,3 +636,19 @@ def test_each_run_header_says_where_the_sweep_stands():
   ended = [{'wall_time_s': 600.0}, {'wall_time_s': 660.0}, {'state': 'failed'}]
   assert sweep._run_header(claim, 20, ended) == (
       'sweep: run 3/20: bs32-lr0.001 (3 ended, 10.5 min a run)')
+
+
+def test_sweep_tuned_yaml_is_bayes_with_hyperband_and_all_its_values_pass_the_config_check():
+  spec = sweep.load_sweep_config(str(REPO / 'configs' / 'sweep_tuned.yaml'))
+  assert spec['method'] == 'bayes' and spec['metric'] == {'name': 'val_acc', 'goal': 'maximize'}
+  assert spec['early_terminate'] == {'type': 'hyperband', 'min_iter': 3, 'eta': 3}
+  assert '--config=configs/tuned.py' in spec['command']
+  base = tuned.get_config()
+  sweep.check_parameters(spec, base)
+  # Its recipe knobs, not the architecture, are what it searches.
+  assert {'aug_erase', 'ema_epochs', 'label_smoothing', 'weight_decay'} <= set(spec['parameters'])
+  assert not {'first_layer_filters', 'filter_org'} & set(spec['parameters'])
+  total, rejected, first = sweep.check_space(spec, base)
+  assert (total, rejected, first) == (5000, 0, '')  # the first 5000 combinations, all valid
+  for i in range(10):
+    config_lib.validate(sweep.apply_sweep_params(base, sweep.propose(spec, [], 0, i)))
