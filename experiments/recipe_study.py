@@ -50,7 +50,7 @@ RECIPES = {
     'tuned': ('configs/tuned.py', {}),
     # tuned.py validating an EMA of its weights over 3 epochs: tried, not kept (README Results).
     'tuned_ema': ('configs/tuned.py', {'ema_epochs': 3.0}),
-    # tuned.py with random erasing of a quarter of its training images.
+    # tuned.py with random erasing of a quarter of its training images: tried, not kept.
     'tuned_erase': ('configs/tuned.py', {'aug_erase': 0.25}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
