@@ -11,6 +11,7 @@ rectangle of 2-33% of the image, aspect ratio in [0.3, 3.3], is filled with the 
 colour. Pure: the same key gives the same images, so a resumed run repeats its augmentations.
 """
 
+import functools
 import math
 
 import jax
@@ -72,8 +73,9 @@ def _erase(key: jax.Array, image: jax.Array, prob: jax.Array) -> jax.Array:
   area = jax.random.uniform(k_area, (), minval=_ERASE_AREA[0], maxval=_ERASE_AREA[1]) * h * w
   ratio = jnp.exp(jax.random.uniform(k_ratio, (), minval=-_LOG_MAX_ERASE_RATIO,
                                      maxval=_LOG_MAX_ERASE_RATIO))
-  size = jnp.minimum(jnp.sqrt(area * jnp.stack([ratio, 1 / ratio])), jnp.array([h, w]))
-  top, left = jax.random.uniform(k_pos, (2,)) * (jnp.array([h, w]) - size)
+  sides = jnp.array([h, w], jnp.float32)
+  size = jnp.minimum(jnp.sqrt(area * jnp.stack([ratio, 1 / ratio])), sides)
+  top, left = jax.random.uniform(k_pos, (2,)) * (sides - size)
   rows, cols = jnp.arange(h), jnp.arange(w)
   inside = (((rows >= top) & (rows < top + size[0]))[:, None]
             & ((cols >= left) & (cols < left + size[1]))[None, :])
@@ -81,7 +83,7 @@ def _erase(key: jax.Array, image: jax.Array, prob: jax.Array) -> jax.Array:
   return jnp.where(erased[..., None], image.mean((0, 1)), image)
 
 
-def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
+def _augment_one(key: jax.Array, image: jax.Array, ranges: dict, erase: bool) -> jax.Array:
   k_geo, k_bright = jax.random.split(key)
   # Not a third member of that split: it would change the other two, and every augmented run
   # made before erasing existed. split(key)[i] is fold_in(key, i), so 2 is a key of its own.
@@ -93,14 +95,19 @@ def _augment_one(key: jax.Array, image: jax.Array, ranges: dict) -> jax.Array:
   out = jax.vmap(warp, in_axes=2, out_axes=2)(image)
   jitter = jax.random.uniform(k_bright, (), minval=-1.0, maxval=1.0)
   brightness = 1.0 + jitter * ranges['brightness']
-  return _erase(k_erase, jnp.clip(out * brightness, 0.0, 1.0), ranges['erase'])
+  out = jnp.clip(out * brightness, 0.0, 1.0)
+  return _erase(k_erase, out, ranges['erase']) if erase else out
 
 
-def augment(key: jax.Array, images: jax.Array, ranges: dict | None = None) -> jax.Array:
+def augment(key: jax.Array, images: jax.Array, ranges: dict | None = None,
+            erase: bool = True) -> jax.Array:
   """(B, H, W, C) float in [0, 1] -> same shape, each image with its own random transform.
 
   `ranges` maps REFERENCE's names to (traced) scalars; None means the reference's.
+  `erase=False` leaves random erasing out of the program: a run without it (the train step
+  knows from its Program) computes no rectangles it would never apply.
   """
   ranges = REFERENCE if ranges is None else ranges
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(_augment_one, in_axes=(0, 0, None))(keys, images, ranges)
+  one = functools.partial(_augment_one, erase=erase)
+  return jax.vmap(one, in_axes=(0, 0, None))(keys, images, ranges)

@@ -74,12 +74,14 @@ class Program:
   data_aug: bool
   tta_flip: bool
   ema: bool = False  # the step also updates state.ema_params (its decay is traced)
+  erase: bool = False  # augmentation includes random erasing (its probability is traced)
 
 
 def program_for(config: ml_collections.ConfigDict, num_classes: int) -> Program:
   momentum = float(config.momentum) if config.optimizer in ('sgd', 'rmsprop') else 0.0
   return Program(models.create_model(config, num_classes), config.optimizer, momentum,
-                 bool(config.data_aug), bool(config.tta_flip), bool(config.ema_epochs))
+                 bool(config.data_aug), bool(config.tta_flip), bool(config.ema_epochs),
+                 bool(config.get('aug_erase', 0.0)))
 
 
 def _unit_optimizer(name: str, momentum: float) -> optax.GradientTransformation:
@@ -176,7 +178,7 @@ def _train_step(program: Program, tx: optax.GradientTransformation, state: Train
   images = _to_float(batch['image'])
   if program.data_aug:
     aug_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2)
-    images = augment.augment(aug_key, images, hp['aug'])
+    images = augment.augment(aug_key, images, hp['aug'], erase=program.erase)
   # The barrier keeps XLA from fusing the input's conversion and the warp's gathers into the
   # convolutions, which then recompute them many times (a 96 px step: 1.05 s -> 0.7 s).
   images = jax.lax.optimization_barrier(images)

@@ -5,6 +5,10 @@ import numpy as np
 from cnn import augment
 
 
+# Every transform off: what each test then turns on is all that acts.
+_NONE = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
+
+
 def _images():
   # NumPy's generator: jax.random would compile a threefry program for this shape (seconds).
   return jnp.asarray(np.random.default_rng(0).uniform(size=(4, 24, 24, 3)), jnp.float32)
@@ -52,9 +56,8 @@ def test_ranges_are_traced_values_of_one_compiled_function():
     traces.append(1)
     return augment.augment(jax.random.PRNGKey(6), x, ranges)
 
-  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
-  np.testing.assert_allclose(run(none), x, atol=1e-5)  # every range 0: the identity
-  strong = dict(none, rotation=45.0)
+  np.testing.assert_allclose(run(_NONE), x, atol=1e-5)  # every range 0: the identity
+  strong = dict(_NONE, rotation=45.0)
   assert not np.allclose(run(strong), x, atol=1e-2)
   assert len(traces) == 1
 
@@ -62,9 +65,8 @@ def test_ranges_are_traced_values_of_one_compiled_function():
 def test_random_resized_crop_zooms_into_part_of_the_image():
   # A horizontal ramp: a crop of a fraction of the width spans less of the ramp's range.
   x = jnp.tile(jnp.linspace(0, 1, 32)[None, None, :, None], (64, 32, 1, 3))
-  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
-  whole = np.asarray(augment.augment(jax.random.PRNGKey(7), x, none))
-  cropped = np.asarray(augment.augment(jax.random.PRNGKey(7), x, dict(none, crop_min_scale=0.25)))
+  whole = np.asarray(augment.augment(jax.random.PRNGKey(7), x, _NONE))
+  cropped = np.asarray(augment.augment(jax.random.PRNGKey(7), x, dict(_NONE, crop_min_scale=0.25)))
   span = lambda a: a[:, 16, -1, 0] - a[:, 16, 0, 0]
   np.testing.assert_allclose(span(whole), 1.0, atol=1e-5)
   assert span(cropped).max() < 1.0 + 1e-5 and span(cropped).mean() < 0.85
@@ -74,9 +76,8 @@ def test_random_resized_crop_zooms_into_part_of_the_image():
 
 def test_random_erasing_fills_one_rectangle_of_each_chosen_image_with_its_mean_colour():
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(128, 30, 36, 3)), jnp.float32)
-  none = dict(augment.REFERENCE, flip=0.0, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0)
-  kept = np.asarray(augment.augment(jax.random.PRNGKey(8), x, none))
-  erased = np.asarray(augment.augment(jax.random.PRNGKey(8), x, dict(none, erase=0.5)))
+  kept = np.asarray(augment.augment(jax.random.PRNGKey(8), x, _NONE))
+  erased = np.asarray(augment.augment(jax.random.PRNGKey(8), x, dict(_NONE, erase=0.5)))
   changed = np.abs(erased - kept).max(-1) > 0  # (B, H, W)
   chosen = changed.any((1, 2))
   assert 0.35 < chosen.mean() < 0.65
