@@ -232,12 +232,17 @@ def _builder_class() -> type:
 
     def _info(self):
       s = self._image_size
-      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+      info = self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
           'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8,
                                         encoding=tfds.features.Encoding.BYTES),
           'label': tfds.features.ClassLabel(names=self._class_names),
           'index': np.int64,  # position in discover()'s file list: load_dataset sorts by it
       }), disable_shuffling=True)  # a shuffle on write that load_dataset would undo
+      # For a cache not yet built, TFDS looks for a public dataset's metadata on GCS in a
+      # mkdtemp() folder it never removes: one empty /tmp/tmp*tfds per build. A local cache has
+      # no such metadata.
+      info.initialize_from_bucket = _no_bucket_metadata
+      return info
 
     def _log_download_bytes(self):
       pass  # TFDS's "Downloading and preparing dataset Unknown size ...": load_dataset says it
@@ -254,6 +259,10 @@ def _builder_class() -> type:
                                                      self.reasons)
 
   return ImageFolderCache
+
+
+def _no_bucket_metadata() -> None:
+  pass
 
 
 def _decode_split(files: FileList, size: int, reasons: dict[str, str]):

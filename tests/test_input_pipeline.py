@@ -3,6 +3,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -183,6 +184,16 @@ def test_a_tfrecord_cache_of_the_previous_version_is_read_not_rebuilt(tiny_confi
   for field in ARRAYS:
     np.testing.assert_array_equal(getattr(loaded, field), getattr(fresh, field), err_msg=field)
   assert _cache_files(tmp_path / 'old') == files  # nothing rebuilt, nothing added
+
+
+def test_building_a_cache_leaves_no_temporary_folder(tiny_config, tmp_path, monkeypatch):
+  scratch = tmp_path / 'scratch'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))  # where mkdtemp() would leave one
+  tiny_config.cache_dir = str(tmp_path / 'cache')
+  data = input_pipeline.load_dataset(tiny_config)
+  assert len(data.train_images) + len(data.holdout_images) > 0
+  assert list(scratch.iterdir()) == []
 
 
 def test_batches_cover_each_epoch_once_and_depend_on_seed_and_epoch():
