@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from cnn import config as config_lib
 from experiments import recipe_study
 
 _TINY = '''
@@ -46,3 +47,16 @@ def test_study_trains_each_seed_once_and_tabulates_mean_and_spread(tiny_data_dir
   assert capsys.readouterr().out.count('already complete') == 2
   assert [r['test_accuracy'] for r in again['runs']] == values
   assert os.path.exists(tmp_path / 'study' / 'tiny_recipe' / 'seed_0' / 'summary.json')
+
+
+@pytest.mark.parametrize('name', sorted(recipe_study.RECIPES))
+def test_each_named_recipe_changes_only_existing_fields_of_its_config(name):
+  # ConfigDict.update adds a misspelt field silently: the study would train the base recipe.
+  path, overrides = recipe_study.RECIPES[name]
+  base = recipe_study.load_config_file(path)
+  config = recipe_study.recipe_config(name, 3, {'image_size': 128})
+  assert set(overrides) <= set(base.keys())
+  for field, value in overrides.items():
+    assert type(config[field]) is type(base[field]) and config[field] == value
+  assert config.seed == 3 and config.image_size == 128
+  config_lib.validate(config)
