@@ -26,8 +26,8 @@ commit 935118c, seeds 0, 1, 2): validating an EMA of the weights over 3 epochs
 val 0.869 +- 0.014 (spread 0.028) against this recipe's 0.875 +- 0.011 (0.018); random erasing
 of a quarter of the images (`aug_erase=0.25`, recipe `tuned_erase`, commit 8e0e58e) scored
 0.862 +- 0.016 (spread 0.028). Screened on seed 0 (commit 0a3fedf), against this recipe's
-0.862 there: a peak learning rate of 3e-3 (`tuned_lr3`) 0.826, and the crop and flips without
-rotation, shift or zoom (`tuned_rrc`) 0.844. That one fits its training images faster, and its
+0.862 there: a peak learning rate of 3e-3 (`tuned_lr3`) 0.826, of 1e-3 (`tuned_lr1`, commit 445d86f)
+0.835, and the crop and flips without rotation, shift or zoom (`tuned_rrc`) 0.844. That one fits its training images faster, and its
 val sinks in the last epochs.
 
 On stand-ins at 96 px (seeds 0, 1, 2) it beats optimal.py on every seed: 30% of the training

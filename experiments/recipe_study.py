@@ -57,7 +57,8 @@ RECIPES = {
     # tuned.py with the random-resized crop and flips as its only geometric augmentation:
     # screened on seed 0, not kept.
     'tuned_rrc': ('configs/tuned.py', {'aug_rotation': 0.0, 'aug_shift': 0.0, 'aug_zoom': 0.0}),
-    # tuned.py at half its peak learning rate (1e-3, the reference's), under its schedule.
+    # tuned.py at half its peak learning rate (1e-3, the reference's), under its schedule:
+    # screened on seed 0, not kept.
     'tuned_lr1': ('configs/tuned.py', {'learning_rate': 1e-3}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
