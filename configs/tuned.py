@@ -21,14 +21,14 @@ seeds 0, 1, 2, 2-core AMD EPYC):
   (mean +- standard deviation (spread); tuned.py per seed: test 0.882, 0.835, 0.886)
 
 Tried on top of it and not kept (chosen on hold-out val, a rule fixed before the runs; study on
-commit 935118c, seeds 0, 1, 2): validating an EMA of the weights over 3 epochs
-(`ema_epochs=3`, the study's `tuned_ema` recipe) trained identically but scored best hold-out
-val 0.869 +- 0.014 (spread 0.028) against this recipe's 0.875 +- 0.011 (0.018); random erasing
-of a quarter of the images (`aug_erase=0.25`, recipe `tuned_erase`, commit 8e0e58e) scored
-0.862 +- 0.016 (spread 0.028). Screened on seed 0 (commit 0a3fedf), against this recipe's
-0.862 there: a peak learning rate of 3e-3 (`tuned_lr3`) 0.826, of 1e-3 (`tuned_lr1`, commit 445d86f)
-0.835, and the crop and flips without rotation, shift or zoom (`tuned_rrc`) 0.844. That one fits its training images faster, and its
-val sinks in the last epochs.
+commit 935118c, seeds 0, 1, 2): validating an EMA of the weights over 3 epochs (`ema_epochs=3`,
+the study's `tuned_ema` recipe) trained identically but scored best hold-out val 0.869 +- 0.014
+(spread 0.028) against this recipe's 0.875 +- 0.011 (0.018); random erasing of a quarter of the
+images (`aug_erase=0.25`, recipe `tuned_erase`, commit 8e0e58e) scored 0.862 +- 0.016 (spread
+0.028). Screened on seed 0 (commit 0a3fedf), against this recipe's 0.862 there: a peak learning
+rate of 3e-3 (`tuned_lr3`) 0.826, of 1e-3 (`tuned_lr1`, commit 445d86f) 0.835, and the crop and
+flips without rotation, shift or zoom (`tuned_rrc`) 0.844. That one fits its training images
+faster, and its val sinks in the last epochs.
 
 On stand-ins at 96 px (seeds 0, 1, 2) it beats optimal.py on every seed: 30% of the training
 images, test 0.718 +- 0.011 against 0.574 +- 0.045; 5 of the 10 classes, 0.913 +- 0.033

@@ -16,7 +16,8 @@ evaluation/test_metrics.json is reused after).
 After every run (so a study cut short still reports) it writes WORKDIR/study.json (every run,
 and per recipe the mean, standard deviation and spread (max - min) of best hold-out val, test
 accuracy, val - test, epochs and wall time, the commit it ran on and the study's own wall time)
-and WORKDIR/study.md (the same as tables).
+and WORKDIR/study.md (the same as tables). Each run's workdir keeps, in trained_on.txt, the
+commits that trained it, so a study resumed or retabulated on later code still names them.
 """
 
 import ast
@@ -97,12 +98,32 @@ def recipe_config(recipe: str, seed: int, common: dict) -> ml_collections.Config
   return config
 
 
-def run_one(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def trained_on(workdir: str, code: str | None) -> str:
+  """The commits that trained this run, kept in its workdir; `code` (this study's) joins them
+  when it trained too. A study resumed, or retabulated, on later code so still names the code
+  each run came from."""
+  path = os.path.join(workdir, 'trained_on.txt')
+  seen = open(path).read().split() if os.path.exists(path) else []
+  if code and code not in seen:
+    seen.append(code)
+    from cnn import atomic  # pylint: disable=g-import-not-at-top
+    atomic.atomic_write(path, lambda f: f.write('\n'.join(seen) + '\n'))
+  return ', '.join(seen) or 'unrecorded'
+
+
+def run_one(config: ml_collections.ConfigDict, workdir: str, code: str) -> dict:
   """Trains (or resumes, or finds finished) one run, then its one read of the test split."""
   from cnn import checkpoints  # pylint: disable=g-import-not-at-top
   from cnn import evaluate  # pylint: disable=g-import-not-at-top
   from cnn import train  # pylint: disable=g-import-not-at-top
-  summary = train.train_and_evaluate(config, workdir)
+
+  def note_code(epoch, metrics):  # after every epoch this process trains, so a run killed and
+    del epoch, metrics            # resumed on other code names both commits
+    trained_on(workdir, code)
+    return False
+
+  summary = train.train_and_evaluate(config, workdir, epoch_callback=note_code)
+  commits = trained_on(workdir, None)
   test_path = os.path.join(workdir, 'evaluation', 'test_metrics.json')
   if os.path.exists(test_path):
     test = checkpoints.read_json(test_path)
@@ -114,7 +135,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str) -> dict:
           'best_epoch': summary['best_epoch'], 'epochs_run': summary['epochs_run'],
           'wall_time_s': summary['wall_time_s'],
           'num_holdout_images': summary['num_holdout_images'],
-          'num_test_images': test['num_test_images']}
+          'num_test_images': test['num_test_images'], 'commit': commits}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -146,27 +167,34 @@ def commit() -> str:
 
 
 def _cell(stats: dict, fmt: str = '.3f') -> str:
+  if len(stats['values']) == 1:  # no spread to show
+    return f'{stats["mean"]:{fmt}} (one seed)'
   return (f'{stats["mean"]:{fmt}} ± {stats["std"]:{fmt}} (spread {stats["spread"]:{fmt}})')
 
 
 def markdown(study: dict) -> str:
+  trained = sorted({r.get('commit', 'unrecorded') for r in study['runs']})
   lines = [f'# Recipe study ({study["commit"]}, {study["data_dir"]}, seeds '
            f'{", ".join(map(str, study["seeds"]))}, overrides {study["overrides"]})', '',
-           f'Wall times on {study.get("machine", "an unrecorded machine")}.', '',
+           f'Wall times on {study.get("machine", "an unrecorded machine")}. Runs trained on '
+           f'{"; ".join(trained) or "-"} (per run below); tables written on {study["commit"]}.',
+           '',
            '| recipe | best hold-out val | test | val - test | epochs | wall time per run |',
            '|---|---|---|---|---|---|']
   for name, agg in study['recipes'].items():
     cells = [_cell(agg[m]) for m in ('best_val_accuracy', 'test_accuracy', 'val_minus_test')]
     lines.append(f'| {name} | {" | ".join(cells)} | {_cell(agg["epochs_run"], ".1f")} | '
                  f'{agg["wall_time_s"]["mean"] / 60:.1f} min |')
-  lines += ['', 'mean ± standard deviation over the seeds (spread = max - min). '
-            f'Study wall time {study["wall_time_s"] / 60:.1f} min.', '', '## Runs', '',
-            '| recipe | seed | best val (epoch) | test | epochs | wall |',
-            '|---|---|---|---|---|---|']
+  runs_min = sum(r['wall_time_s'] for r in study['runs']) / 60
+  lines += ['', 'mean ± standard deviation over the seeds (spread = max - min). The runs took '
+            f'{runs_min:.1f} min in all; this invocation {study["wall_time_s"] / 60:.1f} min '
+            '(runs it found finished cost it nothing).', '', '## Runs', '',
+            '| recipe | seed | best val (epoch) | test | epochs | wall | trained on |',
+            '|---|---|---|---|---|---|---|']
   for r in study['runs']:
     lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["best_val_accuracy"]:.3f} '
                  f'({r["best_epoch"]}) | {r["test_accuracy"]:.3f} | {r["epochs_run"]} | '
-                 f'{r["wall_time_s"] / 60:.1f} min |')
+                 f'{r["wall_time_s"] / 60:.1f} min | {r.get("commit", "unrecorded")} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -200,7 +228,7 @@ def run_study(recipes: list[str], seeds: list[int], common: dict, workdir: str) 
       run_dir = os.path.join(workdir, name, f'seed_{seed}')
       print(f'=== {name}, seed {seed}: {run_dir}', flush=True)
       runs.append({'recipe': name, 'seed': seed,
-                   **run_one(recipe_config(recipe, seed, common), run_dir)})
+                   **run_one(recipe_config(recipe, seed, common), run_dir, context['commit'])})
       study = tabulate(runs, {**context, 'wall_time_s': time.time() - t0})
       write_tables(study, workdir)
   return study

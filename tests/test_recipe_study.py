@@ -19,7 +19,8 @@ def get_config():
 
 
 def test_study_trains_each_seed_once_and_tabulates_mean_and_spread(tiny_data_dir, tiny_cache_dir,
-                                                                  tmp_path, capsys):
+                                                                  tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(recipe_study, 'commit', lambda: 'abc1234')
   recipe = tmp_path / 'tiny_recipe.py'
   recipe.write_text(_TINY)
   common = {'data_dir': str(tiny_data_dir), 'cache_dir': str(tiny_cache_dir),
@@ -41,11 +42,17 @@ def test_study_trains_each_seed_once_and_tabulates_mean_and_spread(tiny_data_dir
   # The tables are on disk (rewritten after each run, so a cut-off study still reports).
   assert (tmp_path / 'study' / 'study.md').read_text() == table
   assert json.load(open(tmp_path / 'study' / 'study.json'))['runs'] == runs
-  # The same study again finds every run finished and reuses its one test read.
+  assert [r['commit'] for r in runs] == ['abc1234', 'abc1234'] and '| abc1234 |' in table
+  # The same study again, on later code, finds every run finished, reuses its one test read and
+  # still names the code that trained it.
   capsys.readouterr()
+  monkeypatch.setattr(recipe_study, 'commit', lambda: 'def5678')
   again = recipe_study.run_study([str(recipe)], [0, 1], common, str(tmp_path / 'study'))
   assert capsys.readouterr().out.count('already complete') == 2
   assert [r['test_accuracy'] for r in again['runs']] == values
+  assert [r['commit'] for r in again['runs']] == ['abc1234', 'abc1234']
+  assert 'Runs trained on abc1234 (per run below); tables written on def5678.' in (
+      tmp_path / 'study' / 'study.md').read_text()
   assert os.path.exists(tmp_path / 'study' / 'tiny_recipe' / 'seed_0' / 'summary.json')
 
 
@@ -60,3 +67,22 @@ def test_each_named_recipe_changes_only_existing_fields_of_its_config(name):
     assert type(config[field]) is type(base[field]) and config[field] == value
   assert config.seed == 3 and config.image_size == 128
   config_lib.validate(config)
+
+
+def test_a_recipe_with_one_seed_shows_no_spread():
+  runs = [{'recipe': 'r', 'seed': 0, 'best_val_accuracy': 0.8, 'test_accuracy': 0.75,
+           'val_minus_test': 0.05, 'best_epoch': 3, 'epochs_run': 4, 'wall_time_s': 60.0,
+           'commit': 'abc1234'}]
+  study = recipe_study.tabulate(runs, {'commit': 'abc1234', 'machine': 'm', 'data_dir': 'd',
+                                       'seeds': [0], 'overrides': {}, 'wall_time_s': 60.0})
+  row = next(ln for ln in recipe_study.markdown(study).splitlines() if ln.startswith('| r |'))
+  assert row == ('| r | 0.800 (one seed) | 0.750 (one seed) | 0.050 (one seed) | '
+                 '4.0 (one seed) | 1.0 min |')
+
+
+def test_a_run_names_each_commit_that_trained_it_once(tmp_path):
+  assert recipe_study.trained_on(str(tmp_path), None) == 'unrecorded'  # a run from before
+  assert recipe_study.trained_on(str(tmp_path), 'abc1234') == 'abc1234'
+  assert recipe_study.trained_on(str(tmp_path), 'abc1234') == 'abc1234'  # every epoch notes it
+  assert recipe_study.trained_on(str(tmp_path), 'def5678') == 'abc1234, def5678'  # resumed
+  assert recipe_study.trained_on(str(tmp_path), None) == 'abc1234, def5678'
