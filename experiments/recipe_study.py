@@ -103,7 +103,7 @@ def trained_on(workdir: str, code: str | None) -> str:
   when it trained too. A study resumed, or retabulated, on later code so still names the code
   each run came from."""
   path = os.path.join(workdir, 'trained_on.txt')
-  seen = open(path).read().split() if os.path.exists(path) else []
+  seen = pathlib.Path(path).read_text().split() if os.path.exists(path) else []
   if code and code not in seen:
     seen.append(code)
     from cnn import atomic  # pylint: disable=g-import-not-at-top
