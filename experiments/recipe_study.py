@@ -102,8 +102,8 @@ def trained_on(workdir: str, code: str | None) -> str:
   """The commits that trained this run, kept in its workdir; `code` (this study's) joins them
   when it trained too. A study resumed, or retabulated, on later code so still names the code
   each run came from."""
-  path = os.path.join(workdir, 'trained_on.txt')
-  seen = pathlib.Path(path).read_text().split() if os.path.exists(path) else []
+  path = pathlib.Path(workdir) / 'trained_on.txt'
+  seen = path.read_text().split() if path.exists() else []
   if code and code not in seen:
     seen.append(code)
     from cnn import atomic  # pylint: disable=g-import-not-at-top
@@ -173,7 +173,7 @@ def _cell(stats: dict, fmt: str = '.3f') -> str:
 
 
 def markdown(study: dict) -> str:
-  trained = sorted({r.get('commit', 'unrecorded') for r in study['runs']})
+  trained = sorted({r['commit'] for r in study['runs']})
   lines = [f'# Recipe study ({study["commit"]}, {study["data_dir"]}, seeds '
            f'{", ".join(map(str, study["seeds"]))}, overrides {study["overrides"]})', '',
            f'Wall times on {study.get("machine", "an unrecorded machine")}. Runs trained on '
@@ -194,7 +194,7 @@ def markdown(study: dict) -> str:
   for r in study['runs']:
     lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["best_val_accuracy"]:.3f} '
                  f'({r["best_epoch"]}) | {r["test_accuracy"]:.3f} | {r["epochs_run"]} | '
-                 f'{r["wall_time_s"] / 60:.1f} min | {r.get("commit", "unrecorded")} |')
+                 f'{r["wall_time_s"] / 60:.1f} min | {r["commit"]} |')
   return '\n'.join(lines) + '\n'
 
 
