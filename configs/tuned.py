@@ -20,6 +20,9 @@ seeds 0, 1, 2, 2-core AMD EPYC):
   tuned.py                        0.875 +- 0.011 (0.018)   0.868 +- 0.029 (0.051)   13.7 min
   (mean +- standard deviation (spread); tuned.py per seed: test 0.882, 0.835, 0.886)
 
+Seeds 3 and 4 (commit 8faef24, run to see the spread, not to choose): best hold-out val 0.908
+on both, test 0.857 and 0.860; over the five seeds test 0.864 +- 0.021 (0.835 to 0.886).
+
 Tried on top of it and not kept (chosen on hold-out val, a rule fixed before the runs; study on
 commit 935118c, seeds 0, 1, 2): validating an EMA of the weights over 3 epochs (`ema_epochs=3`,
 the study's `tuned_ema` recipe) trained identically but scored best hold-out val 0.869 +- 0.014
