@@ -5,6 +5,7 @@ import netrc
 import os
 import uuid
 import sys
+import threading
 from typing import Any
 import urllib.error
 import urllib.request
@@ -119,5 +120,22 @@ def _init_offline(wandb, workdir: str, kwargs: dict, why: str):
   print(f'warning: W&B online failed ({why}); logging offline to {workdir}/wandb instead, '
         'upload later with `wandb sync`', file=sys.stderr, flush=True)
   # A failed online init can leave its run id taken in wandb's service process: start afresh.
-  wandb.teardown()
+  _bounded_teardown(wandb)
   return wandb.init(mode='offline', **kwargs)
+
+
+# Seconds to wait for wandb's service process to exit after a failed online init.
+TEARDOWN_TIMEOUT_S = 10.0
+
+
+def _bounded_teardown(wandb) -> None:
+  """wandb.teardown(), given up on after TEARDOWN_TIMEOUT_S.
+
+  When the failed init broke the link to wandb's service process (seen with wandb 0.31 and a
+  server answering 401, now and then), the teardown request is lost and teardown waits for
+  that process to exit forever. wandb forgets its service before that wait, so the next init
+  starts a fresh one either way; the stale process exits with this one.
+  """
+  thread = threading.Thread(target=wandb.teardown, name='wandb-teardown', daemon=True)
+  thread.start()
+  thread.join(TEARDOWN_TIMEOUT_S)

@@ -21,6 +21,7 @@ from cnn import checkpoints
 from cnn import errors
 from cnn import feeding
 from cnn import input_pipeline
+from cnn import metrics_writer
 from cnn import train
 from configs import default
 
@@ -356,6 +357,37 @@ def test_online_wandb_trouble_falls_back_to_offline_with_one_warning(config, tmp
                               '`wandb sync`')
   _check_logged_offline(workdir)
   assert elapsed < 120  # no minute-long retrying of a server that is not there
+
+
+@pytest.mark.parametrize('wandb_trouble', ['key_rejected'], indirect=True)
+def test_a_wandb_teardown_that_never_returns_does_not_hang_the_fallback(config, tmp_path,
+                                                                         monkeypatch,
+                                                                         wandb_trouble):
+  # As seen in CI: the failed init's link to wandb's service broke, the teardown request was
+  # lost and teardown waited for the service to exit, for ever. Here the first teardown does
+  # its work, then waits on `release` the way it waited on that process.
+  import wandb
+  real, release, calls = wandb.teardown, threading.Event(), []
+
+  def lost_teardown(*args, **kwargs):
+    real(*args, **kwargs)
+    calls.append(threading.current_thread().name)
+    if len(calls) == 1:
+      release.wait(timeout=120)
+
+  monkeypatch.setattr(wandb, 'teardown', lost_teardown)
+  monkeypatch.setattr(metrics_writer, 'TEARDOWN_TIMEOUT_S', 1.0)
+  config.wandb_mode = 'online'
+  config.num_epochs = 1
+  t0 = time.perf_counter()
+  try:
+    summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  finally:
+    elapsed = time.perf_counter() - t0
+    release.set()
+  assert calls[0] == 'wandb-teardown'
+  assert summary['status'] == 'completed' and elapsed < 60
+  _check_logged_offline(tmp_path / 'run')
 
 
 def test_offline_wandb_writes_the_run_under_the_workdir(config, tmp_path, monkeypatch):
