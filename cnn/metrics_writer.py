@@ -14,6 +14,9 @@ import ml_collections
 
 from cnn import config as config_lib
 
+# Seconds to wait for wandb's service process to exit after a failed online init.
+TEARDOWN_TIMEOUT_S = 10.0
+
 
 def has_wandb_credentials() -> bool:
   if os.environ.get('WANDB_API_KEY'):
@@ -122,10 +125,6 @@ def _init_offline(wandb, workdir: str, kwargs: dict, why: str):
   # A failed online init can leave its run id taken in wandb's service process: start afresh.
   _bounded_teardown(wandb)
   return wandb.init(mode='offline', **kwargs)
-
-
-# Seconds to wait for wandb's service process to exit after a failed online init.
-TEARDOWN_TIMEOUT_S = 10.0
 
 
 def _bounded_teardown(wandb) -> None:
