@@ -6,6 +6,7 @@ import os
 import pytest
 
 from cnn import config as config_lib
+from configs import tuned
 from experiments import recipe_study
 
 _TINY = '''
@@ -67,6 +68,13 @@ def test_each_named_recipe_changes_only_existing_fields_of_its_config(name):
     assert type(config[field]) is type(base[field]) and config[field] == value
   assert config.seed == 3 and config.image_size == 128
   config_lib.validate(config)
+
+
+def test_the_study_set_overrides_a_recipes_own_value():
+  # optimal is compared at 30 epochs; `--set=num_epochs=15` (the README's 96 px study) wins.
+  assert recipe_study.recipe_config('optimal', 0, {}).num_epochs == 30
+  assert recipe_study.recipe_config('optimal', 0, {'num_epochs': 15}).num_epochs == 15
+  assert recipe_study.recipe_config('tuned', 0, {}).num_epochs == tuned.get_config().num_epochs
 
 
 def test_a_recipe_with_one_seed_shows_no_spread():
