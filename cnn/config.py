@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import ml_collections
@@ -140,6 +141,14 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
   """
   return ', '.join(f'{k}: {old[k]!r} -> {new.get(k)!r}' for k in sorted(old)
                    if old[k] != new.get(k))
+
+
+def flags_to_restore(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  """The `--config.FIELD=VALUE` flags that set the fields `config_diff` lists back to `old`."""
+  def flag(k):  # quoted for a shell only where it needs it: a tuple, a path with spaces
+    v = old[k]
+    return shlex.quote(f'--config.{k}={tuple(v) if isinstance(v, list) else v}')
+  return ' '.join(flag(k) for k in sorted(old) if old[k] != new.get(k))
 
 
 class ConfigError(errors.UserError, ValueError):

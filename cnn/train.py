@@ -576,12 +576,14 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   # Laid over the defaults: a field added since the old run had its default there.
   old = checkpoints.load_run_config(workdir, default.get_config())
-  listed = config_lib.config_diff(config_lib.run_fields(old), config_lib.run_fields(config))
+  old_fields, fields = config_lib.run_fields(old), config_lib.run_fields(config)
+  listed = config_lib.config_diff(old_fields, fields)
   if not listed:
     return
-  if not config.new_run:
+  if not config.new_run:  # e.g. a run of an older configs/tuned.py, whose num_epochs changed
     raise errors.WorkdirError(
-        f'{workdir} holds a run with a different config ({listed}). Use another --workdir, or '
+        f'{workdir} holds a run with a different config ({listed}). Use another --workdir, '
+        f'resume that run as it was with {config_lib.flags_to_restore(old_fields, fields)}, or '
         f'pass --config.new_run=True to keep that run under {workdir}/previous_runs/ and start '
         'anew')
   dest = os.path.join(workdir, 'previous_runs', time.strftime('%Y%m%d-%H%M%S'))

@@ -182,6 +182,14 @@ def test_config_diff_lists_changed_fields_in_order():
   assert config_lib.config_diff({'a': 1}, {}) == 'a: 1 -> None'
 
 
+def test_flags_to_restore_set_each_changed_field_back_as_the_config_flags_parse_it():
+  old = {'num_epochs': 30, 'lr_schedule': 'cosine', 'guided_bp_channels': [1, 2], 'seed': 0}
+  new = {'num_epochs': 38, 'lr_schedule': 'constant', 'guided_bp_channels': [], 'seed': 0}
+  assert config_lib.flags_to_restore(old, new) == (
+      "'--config.guided_bp_channels=(1, 2)' --config.lr_schedule=cosine --config.num_epochs=30")
+  assert config_lib.flags_to_restore(old, old) == ''
+
+
 def test_ema_of_the_weights_needs_its_own_batch_statistics():
   assert 'ema_epochs=-1.0 must be >= 0' in _error(ema_epochs=-1.0)
   message = _error(ema_epochs=2.0, batch_norm=True, bn_stats='running')

@@ -246,9 +246,13 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
     train.train_and_evaluate(config, str(workdir))
   assert str(e.value) == (
       f'{workdir} holds a run with a different config (dropout: 0.0 -> 0.25, learning_rate: '
-      '0.001 -> 0.01). Use another --workdir, or pass --config.new_run=True to keep that run '
-      f'under {workdir}/previous_runs/ and start anew')
+      '0.001 -> 0.01). Use another --workdir, resume that run as it was with '
+      '--config.dropout=0.0 --config.learning_rate=0.001, or pass --config.new_run=True to keep '
+      f'that run under {workdir}/previous_runs/ and start anew')
   assert _files(workdir) == old_files  # not a byte touched
+  as_it_was = config.copy_and_resolve_references()
+  as_it_was.learning_rate, as_it_was.dropout = 0.001, 0.0  # the flags the message names
+  assert train.train_and_evaluate(as_it_was, str(workdir)) == first
 
   config.new_run = True
   second = train.train_and_evaluate(config, str(workdir))
