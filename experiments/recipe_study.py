@@ -2,12 +2,14 @@
 
     python -m experiments.recipe_study --data_dir=../shared/data/monkeys10 \
         --recipes=optimal_before_fix,optimal,tuned --seeds=0,1,2 --workdir=workdirs/study \
-        --set=image_size=128,num_epochs=30
+        --set=image_size=128
 
 How long it takes: one run per (recipe, seed), each as long as `python main.py` with that
-config; on a 2-core CPU at 128 px, 30 epochs of configs/optimal.py take about 12.5 minutes and
-of configs/tuned.py about 13.7, so 3 recipes x 3 seeds is about 2 hours (114 min measured;
-126 min on a slower host of the same CPU model).
+config; on a 2-core CPU at 128 px (AMD EPYC Zen 4), optimal.py's 30 epochs take about 9 minutes
+and tuned.py's 38 about 11.5, so 3 recipes x 3 seeds is about 80 minutes (82 measured; hosts
+with AVX2 alone have run 1.1-1.7x slower).
+`--set` overrides every run's fields, a recipe's own included (`num_epochs=30` runs tuned.py
+for 30 epochs, as `tuned_30ep` does).
 Every run has its own workdir (WORKDIR/<recipe>/seed_<k>) and resumes through
 `train_and_evaluate`, so an interrupted study continues where it stopped with the same command.
 A recipe is chosen by its hold-out val only; each finished run reads the test split once (its
