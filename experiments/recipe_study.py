@@ -85,12 +85,13 @@ RECIPES = {
     'tuned_30ep': ('configs/tuned.py', {'num_epochs': 30}),
     # tuned.py trained for 38 epochs instead of 30, its warm-up and cosine stretched to match:
     # its training loss still falls, and val peaks, in its last epochs (best epochs 24-30), so it
-    # is short of converged, and a longer run is what both accuracy and steadier seeds need. The
+    # is short of converged, and a longer run may give both accuracy and steadier seeds. The
     # rule, fixed before its runs (seeds 0, 1, 2 at 128 px, `--set=image_size=128`): it becomes
     # tuned.py if its mean best hold-out val is at least tuned.py's on this kind of CPU (0.865:
     # 0.835, 0.872, 0.890, AMD EPYC family 25 model 17, commit 6918249), every seed trains in
     # under 15 min and it takes at most 1.5x optimal.py's 30 epochs. Test plays no part.
-    # It scored 0.890 (0.872, 0.899, 0.899), 11.5 min a seed: kept, it is now tuned.py.
+    # It scored 0.890 (0.872, 0.899, 0.899), 11.5 min a seed: kept, it is now tuned.py. Its
+    # seeds were no steadier on test (README Results).
     'tuned_e38': ('configs/tuned.py', {'num_epochs': 38}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
