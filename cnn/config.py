@@ -133,14 +133,18 @@ def run_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[st
   return fields
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-  """`field: old -> new, ...` over the fields whose values differ; '' when none do.
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """The fields of `old` whose values `new` changes, sorted.
 
   A field that `old` lacks was added to the code after the old run was made: it takes its
   default there, so it is no difference (workdirs of earlier versions keep working).
   """
-  return ', '.join(f'{k}: {old[k]!r} -> {new.get(k)!r}' for k in sorted(old)
-                   if old[k] != new.get(k))
+  return [k for k in sorted(old) if old[k] != new.get(k)]
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  """`field: old -> new, ...` over the fields whose values differ; '' when none do."""
+  return ', '.join(f'{k}: {old[k]!r} -> {new.get(k)!r}' for k in _changed(old, new))
 
 
 def flags_to_restore(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -148,7 +152,7 @@ def flags_to_restore(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
   def flag(k):  # quoted for a shell only where it needs it: a tuple, a path with spaces
     v = old[k]
     return shlex.quote(f'--config.{k}={tuple(v) if isinstance(v, list) else v}')
-  return ' '.join(flag(k) for k in sorted(old) if old[k] != new.get(k))
+  return ' '.join(flag(k) for k in _changed(old, new))
 
 
 class ConfigError(errors.UserError, ValueError):

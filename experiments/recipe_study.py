@@ -44,10 +44,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (config file, overrides). A --recipes entry may also be a config file path.
 RECIPES = {
-    # optimal.py is compared at 30 epochs, the reference's run as measured (its own cap is 50);
-    # `--set=num_epochs=N` still overrides it, as it does every run's.
-    # configs/optimal.py as it trained before the validation fix: running batch-norm averages,
-    # and patience on the raw val_acc from the first epoch on.
+    # Both optimal recipes run 30 epochs, the reference's run as measured (optimal.py's own cap
+    # is 50); `--set=num_epochs=N` still overrides that, as it does every run's field.
+    # optimal_before_fix: configs/optimal.py as it trained before the validation fix, with
+    # running batch-norm averages and patience on the raw val_acc from the first epoch on.
     'optimal_before_fix': ('configs/optimal.py', {'num_epochs': 30, 'bn_stats': 'running',
                                                   'early_stopping_min_epochs': 0,
                                                   'early_stopping_smoothing': 0.0}),
