@@ -48,4 +48,5 @@ def get_config():
   c.tta_flip = True
   c.early_stopping_patience = 0  # the cosine schedule runs to its end
   c.early_stopping_smoothing = 0.5
+  c.ema_epochs = 0.0  # its cosine schedule already settles the weights (tuned_ema was not kept)
   return c
