@@ -235,7 +235,8 @@ def _validate_recipe(c: ml_collections.ConfigDict) -> None:
   _check(c.ema_epochs >= 0, f'ema_epochs={c.ema_epochs} must be >= 0 (0 turns the EMA off)')
   _check(not (c.ema_epochs and c.batch_norm and c.bn_stats == 'running'),
          "ema_epochs needs bn_stats='precise' with batch_norm: the running statistics belong "
-         'to the weights, not to their average. Use --config.bn_stats=precise')
+         'to the weights, not to their average. Use --config.bn_stats=precise, or also pass '
+         '--config.ema_epochs=0 to validate the weights themselves')
   _check(c.device_data in DEVICE_DATA, f'device_data={c.device_data!r} is not one of {DEVICE_DATA}')
   _check(0 < c.device_data_max_fraction <= 1,
          f'device_data_max_fraction={c.device_data_max_fraction} must be in (0, 1]')

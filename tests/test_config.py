@@ -194,7 +194,7 @@ def test_ema_of_the_weights_needs_its_own_batch_statistics():
   assert 'ema_epochs=-1.0 must be >= 0' in _error(ema_epochs=-1.0)
   message = _error(ema_epochs=2.0, batch_norm=True, bn_stats='running')
   assert "ema_epochs needs bn_stats='precise' with batch_norm" in message
-  assert '--config.bn_stats=precise' in message
+  assert '--config.bn_stats=precise' in message and '--config.ema_epochs=0 ' in message
   config_lib.validate(_config(ema_epochs=2.0, batch_norm=False, bn_stats='running'))
   config_lib.validate(_config(ema_epochs=2.0, batch_norm=True, bn_stats='precise'))
 
