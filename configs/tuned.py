@@ -16,7 +16,7 @@ raised best hold-out val on every seed. Measured (README "Results": monkeys10 at
 
   recipe                          best hold-out val        test                     wall a seed
   optimal.py before the val fix   0.719 +- 0.054 (0.101)   0.665 +- 0.038 (0.066)    7.0 min
-  + precise BN, stopping on EMA  0.847 +- 0.005 (0.009)   0.786 +- 0.013 (0.026)    8.8 min
+  + precise BN, val-EMA stopping  0.847 +- 0.005 (0.009)   0.786 +- 0.013 (0.026)    8.8 min
   optimal.py (+ weights' EMA)     0.847 +- 0.019 (0.037)   0.808 +- 0.008 (0.015)    9.3 min
   tuned.py at 30 epochs (before)  0.865 +- 0.028 (0.055)   0.874 +- 0.019 (0.037)    9.0 min
   tuned.py (38 epochs)            0.890 +- 0.016 (0.028)   0.875 +- 0.028 (0.055)   11.5 min

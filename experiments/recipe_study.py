@@ -44,7 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (config file, overrides). A --recipes entry may also be a config file path.
 RECIPES = {
-    # Both optimal recipes run 30 epochs, the reference's run as measured (optimal.py's own cap
+    # The optimal recipes run 30 epochs, the reference's run as measured (optimal.py's own cap
     # is 50); `--set=num_epochs=N` still overrides that, as it does every run's field.
     # optimal_before_fix: configs/optimal.py as it trained before the validation fix, with
     # running batch-norm averages, its weights validated as they are, and patience on the raw
@@ -108,9 +108,9 @@ RECIPES = {
     # final study (f38f000), its mean best hold-out val is at least 0.847, its mean |change of
     # val between epochs| over epochs 10-30 is below 0.032, and its median epoch (training and
     # validation) takes at most 1.10x optimal.py's 17.8 s. Test plays no part.
-    # It scored 0.847 (0.862, 0.826, 0.853: 277 of 327 hold-out images, as many as optimal.py),
-    # val moved 0.012 between epochs, and an epoch took 1.02x: kept, its evaluation is now
-    # optimal.py's (README Results).
+    # It scored 0.847 (0.862, 0.826, 0.853: 277 of 327 hold-out images, as many as optimal.py
+    # then, now optimal_no_ema), val moved 0.012 between epochs, and an epoch took 1.02x: kept,
+    # its evaluation is now optimal.py's (README Results).
     'optimal_ema': ('configs/optimal.py', {'num_epochs': 30, 'ema_epochs': 3.0}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
