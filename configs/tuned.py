@@ -41,7 +41,7 @@ def get_config():
   c.label_smoothing = 0.1
   c.first_layer_filters = 32
   c.filter_org = 2.0
-  c.num_epochs = 38
+  c.num_epochs = 42
   c.aug_rotation = 10.0
   c.aug_shift = 0.1
   c.aug_zoom = 0.1
