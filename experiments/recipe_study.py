@@ -6,8 +6,8 @@
 
 How long it takes: one run per (recipe, seed), each as long as `python main.py` with that
 config; on a 2-core CPU at 128 px (AMD EPYC Zen 4), optimal.py's 30 epochs take about 9 minutes
-and tuned.py's 38 about 11.5, so 3 recipes x 3 seeds is about 80 minutes (82 measured; hosts
-with AVX2 alone have run 1.1-1.7x slower).
+and tuned.py's 42 about 13, so 3 recipes x 3 seeds is about 90 minutes (87 from the runs'
+own times; hosts with AVX2 alone have run 1.1-1.7x slower).
 `--set` overrides every run's fields, a recipe's own included (`num_epochs=30` runs tuned.py
 for 30 epochs, as `tuned_30ep` does).
 Every run has its own workdir (WORKDIR/<recipe>/seed_<k>) and resumes through
@@ -90,7 +90,7 @@ RECIPES = {
     'tuned_b16': ('configs/tuned.py', {'batch_size': 16, 'learning_rate': 1.4e-3}),
     # tuned.py as it was before tuned_e38 was kept: 30 epochs.
     'tuned_30ep': ('configs/tuned.py', {'num_epochs': 30}),
-    # tuned.py trained for 38 epochs instead of 30, its warm-up and cosine stretched to match:
+    # tuned.py trained for 38 epochs instead of 30, its cosine decay stretched to match:
     # its training loss still falls, and val peaks, in its last epochs (best epochs 24-30), so it
     # is short of converged, and a longer run may give both accuracy and steadier seeds. The
     # rule, fixed before its runs (seeds 0, 1, 2 at 128 px, `--set=image_size=128`): it becomes
@@ -128,7 +128,7 @@ RECIPES = {
     # mean wall time a seed is at most 1.5x optimal.py's there (557.2 s: 835.8 s). Test plays no
     # part.
     # It scored 0.896 (0.872, 0.908, 0.908: 293 of 327 hold-out images against 291), 12.8 min
-    # a seed (at most 13.2; 768 s, 1.38x): kept, it is now tuned.py (README Results).
+    # a seed (at most 13.2; 765 s, 1.37x): kept, it is now tuned.py (README Results).
     'tuned_e42': ('configs/tuned.py', {'num_epochs': 42}),
 }
 METRICS = ('best_val_accuracy', 'test_accuracy', 'val_minus_test', 'epochs_run', 'wall_time_s')
