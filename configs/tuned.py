@@ -22,8 +22,8 @@ monkeys10 at 128 px, seeds 0, 1, 2, 2-core AMD EPYC Zen 4; optimal.py for 30 epo
   tuned.py at 38 epochs           0.890 +- 0.016 (0.028)   0.875 +- 0.028 (0.055)   11.5 min
   tuned.py (42 epochs)            0.896 +- 0.021 (0.037)   0.884 +- 0.027 (0.051)   12.8 min
   (mean +- standard deviation (spread); this recipe per seed: test 0.893, 0.853, 0.904, a
-  spread of 14 of 272 test images, one over the 0.05 aimed at; the 30-epoch row is an earlier
-  study on the same CPU)
+  spread of 14 of 272 test images, one over the 0.05 aimed at; over seeds 0-4, 0.878 +- 0.021;
+  the 30-epoch row is an earlier study on the same CPU)
 
 On stand-ins at 96 px (seeds 0, 1, 2; README "Results") it beats optimal.py on every seed: 30%
 of the training images, test 0.746 +- 0.010 against 0.570 +- 0.056; 5 of the 10 classes,
