@@ -114,19 +114,16 @@ RECIPES = {
     # then, now optimal_no_ema), val moved 0.012 between epochs, and an epoch took 1.02x: kept,
     # its evaluation is now optimal.py's (README Results).
     'optimal_ema': ('configs/optimal.py', {**_OPTIMAL, 'ema_epochs': 3.0}),
-    # tuned.py trained for 42 epochs instead of 38, its cosine decay stretched to match:
-    # going from 30 to 38 raised best hold-out val on every seed, and three of the five 38-epoch
-    # seeds still validated best in their last three epochs with training accuracy rising
-    # (0.96), so the schedule may still be short. 42, not more, keeps a margin under the
-    # time limits (18.1 s an epoch: about 12.7 min a seed, 1.37x optimal.py). Other
-    # evaluation-only ideas were screened first on the hold-out alone and dropped: precise BN
-    # over 480 or 960 images instead of 192 (a new draw of its images moves a finished run's
-    # hold-out val by 0.007, under one image) and flip + centre-crop test-time views (no gain on
-    # seeds 3 and 4). The rule, fixed before its runs (seeds 0, 1, 2, `--set=image_size=128`,
-    # AMD EPYC family 25 model 17): it becomes tuned.py if its mean best hold-out val is at
-    # least tuned.py's in the final study (0.890), every seed trains in under 15 min, and its
-    # mean wall time a seed is at most 1.5x optimal.py's there (557.2 s: 835.8 s). Test plays no
-    # part.
+    # tuned.py trained for 42 epochs instead of 38, its cosine decay stretched to match: going from
+    # 30 to 38 raised best hold-out val on every seed, and three of the five 38-epoch seeds still
+    # validated best in their last three epochs with training accuracy rising (0.96), so the
+    # schedule may still be short. 42, not more, keeps a margin under the time limits (18.1 s an
+    # epoch: about 12.7 min a seed, 1.37x optimal.py); the two evaluation-only ideas screened before
+    # it are in README Results. The rule, fixed before its runs (seeds 0, 1, 2,
+    # `--set=image_size=128`, AMD EPYC family 25 model 17): it becomes tuned.py if its mean best
+    # hold-out val is at least tuned.py's in the final study (0.890), every seed trains in under 15
+    # min, and its mean wall time a seed is at most 1.5x optimal.py's there (557.2 s: 835.8 s). Test
+    # plays no part.
     # It scored 0.896 (0.872, 0.908, 0.908: 293 of 327 hold-out images against 291), 12.8 min
     # a seed (at most 13.2; 765 s, 1.37x): kept, it is now tuned.py (README Results).
     'tuned_e42': ('configs/tuned.py', {'num_epochs': 42}),
