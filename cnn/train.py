@@ -253,13 +253,26 @@ def steps_for(program: Program) -> Steps:
 # ---------------------------------------------------------------------------- validation
 
 
+def _in_turn(tree: Any) -> Any:
+  """`tree`, once computed: the batch loops below keep one batch's programs in flight.
+
+  Their programs do not depend on each other, so unawaited they pile up: dozens of small ones
+  (one per array of a sum). On a CPU split into devices (tests/test_parallel.py, 2 cores) that
+  deadlocked one 2-device run in twelve: one of XLA's two threads waited inside precise BN's
+  all-reduce for the other device, while the other thread, which had to run it, waited on a
+  launch semaphore. Each batch's compute dwarfs the host's work between batches, so waiting
+  costs validation nothing.
+  """
+  return jax.block_until_ready(tree)
+
+
 def evaluate_arrays(steps: Steps, variables: dict, arrays: tuple[np.ndarray, np.ndarray],
                     batch_size: int, mesh: Mesh) -> tuple[float, float]:
   """(mean loss, accuracy) in eval mode on all of `arrays` = (images, labels)."""
   totals = None
   for batch in input_pipeline.eval_batches(*arrays, batch_size):
     m = steps.evaluate(variables, feeding.shard_batch(batch, mesh))
-    totals = m if totals is None else jax.tree_util.tree_map(jnp.add, totals, m)
+    totals = _in_turn(m if totals is None else jax.tree_util.tree_map(jnp.add, totals, m))
   count = float(totals['count'])
   return float(totals['loss_sum']) / count, float(totals['correct']) / count
 
@@ -287,7 +300,7 @@ def precise_batch_stats(steps: Steps, variables: dict, images: np.ndarray, batch
   for i in range(n):
     batch = feeding.shard_batch({'image': images[i * batch_size:(i + 1) * batch_size]}, mesh)
     stats = steps.batch_stats(variables, batch['image'])
-    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    total = _in_turn(stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats))
   return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
