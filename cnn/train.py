@@ -253,26 +253,30 @@ def steps_for(program: Program) -> Steps:
 # ---------------------------------------------------------------------------- validation
 
 
-def _in_turn(tree: Any) -> Any:
-  """`tree`, once computed: the batch loops below keep one batch's programs in flight.
+def _sum_in_turn(per_batch: Callable[[dict], Any], batches: Iterator[dict], mesh: Mesh) -> Any:
+  """The sum over `batches` of the pytree per_batch(batch split over `mesh`), one batch's
+  programs in flight at a time.
 
-  Their programs do not depend on each other, so unawaited they pile up: dozens of small ones
-  (one per array of a sum). On a CPU split into devices (tests/test_parallel.py, 2 cores) that
-  deadlocked one 2-device run in twelve: one of XLA's two threads waited inside precise BN's
-  all-reduce for the other device, while the other thread, which had to run it, waited on a
+  The batches do not depend on each other, so unawaited their programs pile up: dozens of small
+  ones (one per array of the sum). On a CPU split into devices (tests/test_parallel.py, 2 cores)
+  that deadlocked one 2-device run in twelve: one of XLA's two threads waited inside precise
+  BN's all-reduce for the other device, while the other thread, which had to run it, waited on a
   launch semaphore. Each batch's compute dwarfs the host's work between batches, so waiting
   costs validation nothing.
   """
-  return jax.block_until_ready(tree)
+  total = None
+  for batch in batches:
+    m = per_batch(feeding.shard_batch(batch, mesh))
+    total = jax.block_until_ready(
+        m if total is None else jax.tree_util.tree_map(jnp.add, total, m))
+  return total
 
 
 def evaluate_arrays(steps: Steps, variables: dict, arrays: tuple[np.ndarray, np.ndarray],
                     batch_size: int, mesh: Mesh) -> tuple[float, float]:
   """(mean loss, accuracy) in eval mode on all of `arrays` = (images, labels)."""
-  totals = None
-  for batch in input_pipeline.eval_batches(*arrays, batch_size):
-    m = steps.evaluate(variables, feeding.shard_batch(batch, mesh))
-    totals = _in_turn(m if totals is None else jax.tree_util.tree_map(jnp.add, totals, m))
+  totals = _sum_in_turn(functools.partial(steps.evaluate, variables),
+                        input_pipeline.eval_batches(*arrays, batch_size), mesh)
   count = float(totals['count'])
   return float(totals['loss_sum']) / count, float(totals['correct']) / count
 
@@ -296,11 +300,9 @@ def precise_batch_stats(steps: Steps, variables: dict, images: np.ndarray, batch
   small dataset, and belong to the weights, not to their moving average; the average of these
   weights' own batch statistics does neither.
   """
-  total, n = None, len(images) // batch_size
-  for i in range(n):
-    batch = feeding.shard_batch({'image': images[i * batch_size:(i + 1) * batch_size]}, mesh)
-    stats = steps.batch_stats(variables, batch['image'])
-    total = _in_turn(stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats))
+  n = len(images) // batch_size
+  batches = ({'image': images[i * batch_size:(i + 1) * batch_size]} for i in range(n))
+  total = _sum_in_turn(lambda b: steps.batch_stats(variables, b['image']), batches, mesh)
   return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
