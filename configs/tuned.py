@@ -5,13 +5,14 @@ The architecture is a point of the reference's own sweep space: 32 filters doubl
 same multiply-adds per image (202M against 199M at 128 px), but its last blocks, where the
 features are, are 8x wider (1.83M parameters at 128 px). How it is trained and scored changes
 too: AdamW with decoupled weight decay, a linear warm-up then cosine decay of the learning rate
-over 42 epochs, label smoothing, milder geometric augmentation plus a random-resized crop, flip
+over 45 epochs, label smoothing, milder geometric augmentation plus a random-resized crop, flip
 averaging at test time, and no early stop before the schedule ends (the checkpoint is chosen on
 an EMA of hold-out accuracy, so a lucky epoch on a small hold-out does not win it).
 
 Every step was chosen on hold-out val only (README "Results" lists the eleven candidates tried
-on top of it, and the rule each had to pass). The last two kept: 38 epochs instead of 30, then
-42 instead of 38, each of which raised mean best hold-out val. Measured (README "Results":
+on top of it, and the rule each had to pass). The last three kept: 38 epochs instead of 30,
+42 instead of 38, each of which raised mean best hold-out val, then 45 (the longest that fits
+the time limit), which tied it. Measured (README "Results":
 monkeys10 at 128 px, seeds 0, 1, 2, 2-core AMD EPYC Zen 4; optimal.py for 30 epochs):
 
   recipe                          best hold-out val        test                     wall a seed
@@ -20,14 +21,15 @@ monkeys10 at 128 px, seeds 0, 1, 2, 2-core AMD EPYC Zen 4; optimal.py for 30 epo
   optimal.py (+ weights' EMA)     0.847 +- 0.019 (0.037)   0.808 +- 0.008 (0.015)    9.3 min
   tuned.py at 30 epochs           0.865 +- 0.028 (0.055)   0.874 +- 0.019 (0.037)    9.0 min
   tuned.py at 38 epochs           0.890 +- 0.016 (0.028)   0.875 +- 0.028 (0.055)   11.5 min
-  tuned.py (42 epochs)            0.896 +- 0.021 (0.037)   0.884 +- 0.027 (0.051)   12.8 min
-  (mean +- standard deviation (spread); this recipe per seed: test 0.893, 0.853, 0.904, a
-  spread of 14 of 272 test images, one over the 0.05 aimed at; over seeds 0-4, 0.878 +- 0.021;
-  the 30-epoch row is an earlier study on the same CPU)
+  tuned.py at 42 epochs           0.896 +- 0.021 (0.037)   0.884 +- 0.027 (0.051)   12.8 min
+  tuned.py (45 epochs)            0.896 +- 0.019 (0.037)   0.890 +- 0.020 (0.040)   13.7 min
+  (mean +- standard deviation (spread); this recipe per seed: test 0.893, 0.868, 0.908;
+  over seeds 0-4, 0.882 +- 0.019, range 0.048; the 30-epoch row is an earlier study on the
+  same CPU)
 
-On stand-ins at 96 px (seeds 0, 1, 2; README "Results") it beats optimal.py on every seed: 30%
-of the training images, test 0.746 +- 0.010 against 0.570 +- 0.056; 5 of the 10 classes,
-0.942 +- 0.014 against 0.908 +- 0.027.
+On stand-ins at 96 px (seeds 0, 1, 2; README "Results") it beats optimal.py on five of the six
+seeds and ties the sixth: 30% of the training images, test 0.743 +- 0.015 against
+0.570 +- 0.056; 5 of the 10 classes, 0.925 +- 0.018 against 0.908 +- 0.027.
 """
 
 from configs import optimal
@@ -43,7 +45,7 @@ def get_config():
   c.label_smoothing = 0.1
   c.first_layer_filters = 32
   c.filter_org = 2.0
-  c.num_epochs = 42
+  c.num_epochs = 45
   c.aug_rotation = 10.0
   c.aug_shift = 0.1
   c.aug_zoom = 0.1
