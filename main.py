@@ -6,6 +6,7 @@ Modes other than train and count start from a trained workdir and reuse its conf
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -45,13 +46,18 @@ flags.DEFINE_bool('json', False, 'predict: print JSON instead of one line per im
 flags.DEFINE_string('sweep_config', 'configs/sweep_bayes.yaml', 'sweep: the sweep YAML.')
 flags.DEFINE_integer('sweep_count', 10, 'sweep: total number of runs in the workdir.')
 flags.DEFINE_string('sweep_params', '', 'JSON file of sweep values (W&B agent ${args_json_file}).')
-flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() (multi-host); '
-                  'default: when JAX_COORDINATOR_ADDRESS is set.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0, for '
+                    'jax.distributed.initialize (with --num_processes and --process_id).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes train the run.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 .. num_processes - 1.')
+flags.DEFINE_bool('distributed', None, 'Multi-host where JAX finds the processes itself (SLURM, '
+                  'Cloud TPU pods); default: with --coordinator_address or '
+                  'JAX_COORDINATOR_ADDRESS.')
 
 
 def _train(config, workdir, args):
-  from cnn import train
-  return train.run_train(config, workdir, args)
+  from cnn import runs
+  return runs.run_train(config, workdir, args)
 
 
 def _evaluate(config, workdir, args):
@@ -110,6 +116,15 @@ def default_workdir(config) -> str:
   return os.path.join('workdirs', config_lib.run_name(config))
 
 
+def start_distributed() -> None:
+  """jax.distributed.initialize with the flags given (JAX fills in the rest from its cluster
+  environment); CPU collectives over gloo, so several CPU processes train one run."""
+  import jax
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
 def resolve_config(mode: str, workdir: str):
   """The config for `mode`: the file's, or a trained workdir's, plus command-line overrides."""
   config = FLAGS.config
@@ -118,8 +133,7 @@ def resolve_config(mode: str, workdir: str):
     config = sweep.agent_config(config, FLAGS.sweep_params)
   if MODES[mode][1]:
     from cnn import checkpoints
-    from configs import default
-    config = checkpoints.load_run_config(workdir, default.get_config())
+    config = checkpoints.load_run_config(workdir)
     config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
   return config
 
@@ -147,9 +161,9 @@ def main(argv):
   fn, needs_workdir = MODES[mode]
   if needs_workdir and not FLAGS.workdir:
     raise app.UsageError(f'--mode={mode} needs --workdir=DIR of a trained run')
-  if FLAGS.distributed or (FLAGS.distributed is None and os.environ.get('JAX_COORDINATOR_ADDRESS')):
-    import jax
-    jax.distributed.initialize()
+  if FLAGS.distributed or (FLAGS.distributed is None and (
+      FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS'))):
+    start_distributed()
   config = resolve_config(mode, FLAGS.workdir)
   workdir = FLAGS.workdir or (default_workdir(config) if mode == 'train' else '')
   if not needs_workdir:
@@ -163,9 +177,35 @@ def run(argv: list[str]) -> int:
   app.UsageError is caught here too: absl would print the whole usage text before it.
   """
   try:
-    return main(argv)
+    return _leave(main(argv))
   except (errors.UserError, app.UsageError) as e:
-    return fail(e)
+    return _leave(fail(e))
+  except Exception as e:
+    if not _multi_process():
+      raise
+    import jax
+    if not isinstance(e, jax.errors.JaxRuntimeError):
+      traceback.print_exc()
+      return _leave(1)
+    return _leave(fail(
+        f'process {jax.process_index()} of {jax.process_count()} lost the rest of the run '
+        f'({str(e).splitlines()[0][:200]}). Run the same command on every process to resume '
+        'from the last checkpoint'))
+
+
+def _multi_process() -> bool:
+  jax = sys.modules.get('jax')
+  return jax is not None and jax.process_count() > 1
+
+
+def _leave(status: int) -> int:
+  """`status`, or in a multi-process run an exit with it now: jax.distributed's shutdown at exit
+  waits for every process, and one that failed or was killed never comes."""
+  if _multi_process():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  return status
 
 
 if __name__ == '__main__':

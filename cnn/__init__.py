@@ -1,1 +1,3 @@
-"""A small CNN for iNaturalist 12K in JAX/Flax: training, sweeps, evaluation, guided backprop."""
+"""A small CNN trained from scratch in JAX/Flax: training, sweeps, evaluation, guided backprop."""
+
+__version__ = '0.2.0'

@@ -1,9 +1,10 @@
-"""Checks a config before any data is read or model built, with errors that say how to fix them."""
+"""The default config (every field with its meaning), and the checks that run before any data is
+read or model built, with errors that say how to fix them."""
 
 import json
 import os
 import shlex
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -21,109 +22,128 @@ BN_STATS = ('precise', 'running')
 DEVICE_DATA = ('auto', 'on', 'off')
 
 
-class Role(NamedTuple):
-  """What a config field is for, as the code that reads config fields sees it."""
-  run_defining: bool  # changes what a run computes: a workdir or sweep refuses another value
-  in_report: bool  # describes the model or its training: shown in a sweep's best_config.py
-  sweepable: bool  # may differ between the runs of one sweep
+def default_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
+  """Every field of a run with its default; configs/ and library users start from it."""
+  c = ml_collections.ConfigDict()
+
+  # Data.
+  c.data_dir = 'data/inaturalist_12K'  # holds train/<class>/ and val/<class>/ (val = test set)
+  c.download = True  # fetch and extract `dataset_url` when data_dir does not exist
+  c.dataset_url = 'https://storage.googleapis.com/wandb_datasets/nature_12K.zip'
+  c.cache_dir = ''  # decoded-image cache; '' means $XDG_CACHE_HOME/inat_cnn (~/.cache/inat_cnn)
+  c.holdout_fraction = 0.1  # class-balanced share of train/ held out for validation
+  c.image_size = 256  # images are resized to image_size x image_size
+  c.data_aug = False  # flips, rotation, shift, zoom, brightness inside the jitted train step
+  # Augmentation strength (with data_aug); the defaults are the reference's ranges.
+  c.aug_flip = True  # random horizontal flips
+  c.aug_rotation = 20.0  # degrees: uniform in +-aug_rotation
+  c.aug_shift = 0.2  # fraction of each side: uniform in +-aug_shift
+  c.aug_zoom = 0.2  # per-axis zoom factor uniform in [1 - aug_zoom, 1 + aug_zoom]
+  c.aug_brightness = 0.2  # brightness factor uniform in [1 - aug_brightness, 1 + aug_brightness]
+  c.aug_crop_min_scale = 1.0  # random-resized crop of area fraction [this, 1]; 1.0 = no crop
+  c.aug_erase = 0.0  # probability of random erasing: 2-33% of the image set to its mean colour
+
+  # Model (names as in the reference's sweep).
+  c.conv_layers = 5  # conv -> [BN] -> activation -> 2x2 max-pool blocks
+  c.first_layer_filters = 32  # filters of block 1
+  c.filter_org = 1.0  # block i has int(first_layer_filters * filter_org**i) filters
+  c.kernel_size = 3  # k x k convolutions
+  c.padding = 'VALID'  # VALID (the reference) or SAME
+  c.activation = 'relu'  # relu, gelu, silu, elu, leaky_relu, mish, tanh
+  c.dense_size = 64  # neurons of the hidden dense layer
+  c.batch_norm = False  # batch norm after every conv and the dense layer
+  c.bn_momentum = 0.99  # batch norm's running-average momentum (Keras' default, the reference's)
+  c.dropout = 0.0  # dropout after the dense layer only, as in the reference
+  c.dtype = 'float32'  # compute dtype (float32 or bfloat16); parameters stay float32
+  # Layer kernels: 'xla' (nn.Conv, nn.BatchNorm), 'cpu_eigen' (cnn/layers.py: the same
+  # parameters and results, faster on XLA:CPU, no forward-mode autodiff) or 'auto' (cpu_eigen
+  # when JAX runs on the CPU, xla on GPU/TPU).
+  c.conv_impl = 'auto'
+
+  # Optimisation.
+  c.optimizer = 'adam'  # adam, adamw, nadam, sgd (with momentum), rmsprop
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # sgd and rmsprop only
+  c.nesterov = False  # Nesterov momentum; sgd and rmsprop only
+  c.weight_decay = 1e-4  # adamw only (decoupled, scaled by the learning rate as in optax)
+  c.lr_schedule = 'constant'  # constant, or cosine: decays to 0 at the end of num_epochs
+  c.warmup_epochs = 0.0  # linear learning-rate warm-up from 0, in epochs (fractions allowed)
+  c.label_smoothing = 0.0  # share of each target spread evenly over all classes
+  c.batch_size = 32  # global batch, split over all local devices
+  c.eval_batch_size = 128
+  # Training images held on the device(s), each batch gathered there: 'auto' (on a GPU/TPU when
+  # they fit in device_data_max_fraction of its memory), 'on' or 'off' (sliced on the host).
+  c.device_data = 'auto'
+  c.device_data_max_fraction = 0.25
+  c.num_epochs = 50
+  c.early_stopping_patience = 5  # epochs without a better val accuracy before stopping; 0 = off
+  c.early_stopping_min_epochs = 0  # never stop for patience before this many epochs
+  # Choose and stop on an EMA of val accuracy (this factor); 0 = raw.
+  c.early_stopping_smoothing = 0.0
+  c.seed = 0  # one seed drives init, hold-out split, shuffling, dropout and augmentation
+
+  # Validation: what the eval-mode (running-statistics) model is scored with.
+  # 'precise': before each validation, batch norm's statistics are recomputed as the average over
+  # precise_bn_images un-augmented training images ("precise BN"), so eval mode tracks what the
+  # model has learned from epoch 1 on; 'running': the running averages alone, which lag by
+  # ~1/(1 - bn_momentum) steps.
+  c.bn_stats = 'precise'
+  c.precise_bn_images = 192  # a fixed, seeded set of training images (whole batches of batch_size)
+  # Validate (and keep as the best checkpoint, which evaluate, predict and guided_bp read) an
+  # exponential moving average of the weights over about this many epochs; 0 = the weights.
+  c.ema_epochs = 0.0
+  # Average each image's prediction with its mirror's: validation, evaluate, predict.
+  c.tta_flip = False
+  # Diagnostic: per epoch, train-mode vs eval-mode accuracy on N training images.
+  c.bn_gap_images = 0
+
+  # Logging and checkpoints.
+  # online, offline or disabled; '' = online if W&B credentials exist, else offline.
+  c.wandb_mode = ''
+  c.wandb_project = 'inaturalist-cnn'
+  c.wandb_entity = ''  # '' = your default entity
+  c.run_name = ''  # '' = named after the hyperparameters, as the reference did
+  c.checkpoint_every_steps = 0  # extra mid-epoch checkpoints; 0 = only at the end of each epoch
+  c.keep_checkpoints = 3  # latest checkpoints kept; an unreadable newest falls back to the next
+  c.new_run = False  # allow a workdir that holds a run with another config (old run is kept)
+  c.compilation_cache_dir = ''  # XLA's persistent cache; '' = ~/.cache/inat_cnn/jax, 'off' = none
+
+  # Evaluation and guided backprop (--mode=evaluate / guided_bp).
+  c.eval_image_seed = 0  # picks the test image shown in first-layer activations
+  c.guided_bp_image = ''  # image file for guided backprop; '' = a seeded random test image
+  c.guided_bp_layer = 'conv5'  # whose neurons are explained
+  c.guided_bp_channels = ()  # channels to explain; () = the 10 this image activates most
+  c.guided_bp_num_neurons = 10
+  c.guided_bp_method = 'guided'  # guided, vanilla or deconvnet (comparison.png shows all three)
+  return c
 
 
-RUN = Role(run_defining=True, in_report=True, sweepable=True)
+# Every field not named below defines the run: a workdir or a sweep refuses another value.
 # How long or how a run goes, or what evaluation shows, not what it computes: resumable.
-SETTING = Role(run_defining=False, in_report=True, sweepable=True)
+SETTINGS = frozenset({
+    'conv_impl', 'eval_batch_size', 'num_epochs', 'early_stopping_patience',
+    'early_stopping_min_epochs', 'early_stopping_smoothing', 'bn_gap_images', 'eval_image_seed',
+    'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
+    'guided_bp_method'})
 # Where data and files live on this machine.
-MACHINE = Role(run_defining=False, in_report=False, sweepable=True)
+MACHINE = frozenset({'data_dir', 'download', 'dataset_url', 'device_data',
+                     'device_data_max_fraction', 'checkpoint_every_steps', 'keep_checkpoints'})
 # Machine or logging fields that every run of a sweep shares (one cache, one W&B project).
-SHARED = Role(run_defining=False, in_report=False, sweepable=False)
-
-# The role of every field of configs/default.py: a new field there needs its line here.
-FIELD_ROLES: dict[str, Role] = {
-    # Data.
-    'data_dir': MACHINE,
-    'download': MACHINE,
-    'dataset_url': MACHINE,
-    'cache_dir': SHARED,
-    'holdout_fraction': RUN,
-    'image_size': RUN,
-    'data_aug': RUN,
-    # Model.
-    'conv_layers': RUN,
-    'first_layer_filters': RUN,
-    'filter_org': RUN,
-    'kernel_size': RUN,
-    'padding': RUN,
-    'activation': RUN,
-    'dense_size': RUN,
-    'batch_norm': RUN,
-    'dropout': RUN,
-    'dtype': RUN,
-    'conv_impl': SETTING,  # the same parameters and results either way
-    # Optimisation.
-    'optimizer': RUN,
-    'learning_rate': RUN,
-    'momentum': RUN,
-    'weight_decay': RUN,
-    'batch_size': RUN,
-    'eval_batch_size': SETTING,
-    'device_data': MACHINE,  # the same batches either way
-    'device_data_max_fraction': MACHINE,
-    'num_epochs': SETTING,  # a finished run may be trained on for more epochs
-    'early_stopping_patience': SETTING,
-    'early_stopping_min_epochs': SETTING,
-    'early_stopping_smoothing': SETTING,
-    'seed': RUN,
-    'lr_schedule': RUN,
-    'warmup_epochs': RUN,
-    'label_smoothing': RUN,
-    # Augmentation strength.
-    'aug_flip': RUN,
-    'aug_rotation': RUN,
-    'aug_shift': RUN,
-    'aug_zoom': RUN,
-    'aug_crop_min_scale': RUN,
-    'aug_brightness': RUN,
-    'aug_erase': RUN,
-    # Batch norm and validation.
-    'bn_momentum': RUN,
-    'bn_stats': RUN,  # chooses the checkpoint: part of the run
-    'precise_bn_images': RUN,
-    'tta_flip': RUN,
-    'ema_epochs': RUN,  # which weights are validated and kept
-    'bn_gap_images': SETTING,  # a diagnostic only
-    # Logging and checkpoints.
-    'wandb_mode': SHARED,
-    'wandb_project': SHARED,
-    'wandb_entity': SHARED,
-    'run_name': SHARED,
-    'checkpoint_every_steps': MACHINE,
-    'new_run': SHARED,
-    'compilation_cache_dir': SHARED,
-    # Evaluation and guided backprop.
-    'eval_image_seed': SETTING,
-    'guided_bp_image': SETTING,
-    'guided_bp_layer': SETTING,
-    'guided_bp_channels': SETTING,
-    'guided_bp_num_neurons': SETTING,
-    'guided_bp_method': SETTING,
-}
-
-
-def _fields(test: Callable[[Role], bool]) -> frozenset[str]:
-  return frozenset(name for name, role in FIELD_ROLES.items() if test(role))
-
+SHARED = frozenset({'cache_dir', 'wandb_mode', 'wandb_project', 'wandb_entity', 'run_name',
+                    'new_run', 'compilation_cache_dir'})
 
 # Fields that do not change what a run computes: a workdir may be resumed with other values.
-NON_RUN_FIELDS = _fields(lambda r: not r.run_defining)
+NON_RUN_FIELDS = SETTINGS | MACHINE | SHARED
 # Fields of a machine or a logging setup, not a model: left out of a sweep's best_config.py.
-NON_REPORT_FIELDS = _fields(lambda r: not r.in_report)
+NON_REPORT_FIELDS = MACHINE | SHARED
 # Every run of a sweep shares these; sweeping them makes no sense.
-UNSWEEPABLE_FIELDS = _fields(lambda r: not r.sweepable)
+UNSWEEPABLE_FIELDS = SHARED
 
 
 def run_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """The run-defining fields of a config (or of its config.json) as plain JSON values.
 
-  A field unknown to FIELD_ROLES (say, from an older config.json) counts as run-defining.
+  A field not named in SETTINGS, MACHINE or SHARED counts as run-defining.
   """
   d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   d = json.loads(json.dumps(d, default=str))  # tuples become lists, as in config.json
@@ -137,7 +157,7 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """The fields of `old` whose values `new` changes, sorted.
 
   A field that `old` lacks was added to the code after the old run was made: it takes its
-  default there, so it is no difference (workdirs of earlier versions keep working).
+  default there, so it is no difference.
   """
   return [k for k in sorted(old) if old[k] != new.get(k)]
 
@@ -232,6 +252,8 @@ def _validate_recipe(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
   _check(0 <= c.bn_momentum < 1, f'bn_momentum={c.bn_momentum} must be in [0, 1), e.g. 0.99')
   _check(c.bn_stats in BN_STATS, f'bn_stats={c.bn_stats!r} is not one of {BN_STATS}')
+  _check(isinstance(c.keep_checkpoints, int) and c.keep_checkpoints >= 1,
+         f'keep_checkpoints={c.keep_checkpoints!r} must be an integer >= 1, e.g. 3')
   _check(c.ema_epochs >= 0, f'ema_epochs={c.ema_epochs} must be >= 0 (0 turns the EMA off)')
   _check(not (c.ema_epochs and c.batch_norm and c.bn_stats == 'running'),
          "ema_epochs needs bn_stats='precise' with batch_norm: the running statistics belong "

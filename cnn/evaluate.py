@@ -20,9 +20,10 @@ from cnn import checkpoints
 from cnn import download
 from cnn import figures
 from cnn import input_pipeline
+from cnn import lock
 from cnn import metrics_writer
 from cnn import models
-from cnn import predict
+from cnn import trainer
 
 FIGURES = ('predictions_grid', 'confusion_matrix', 'first_layer_filters',
            'first_layer_activations')
@@ -89,8 +90,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'the test folder {config.data_dir}/val has classes {data.class_names}, but the model '
         f'in {workdir} was trained on {class_names}; point --config.data_dir at its data')
   test_dir = pathlib.Path(config.data_dir) / 'val'
-  log_probs = predict.class_log_probabilities(model, variables, data.test_images,
-                                              config.eval_batch_size, config.tta_flip)
+  log_probs = trainer.log_probabilities(model, variables, data.test_images,
+                                        config.eval_batch_size, config.tta_flip)
   probs = np.exp(log_probs)
   metrics = compute_metrics(data.test_labels, log_probs, class_names)
   metrics.update(best_epoch=meta.get('epoch'), best_val_accuracy=meta.get('val_acc'),
@@ -108,7 +109,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _note_in_summary(workdir, metrics)
   metrics['eval_time_s'] = time.time() - t0
 
-  writer = metrics_writer.MetricsWriter(config, workdir)
+  writer = metrics_writer.beside_training(config, workdir)
   try:
     writer.log_images({f'evaluation/{k}': v for k, v in pngs.items()})
     writer.write_summary({k: metrics[k] for k in ('test_accuracy', 'test_loss',
@@ -119,9 +120,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _note_in_summary(workdir: str, metrics: dict) -> None:
-  """summary.json gets the test accuracy beside the hold-out val that chose the checkpoint."""
+  """summary.json gets the test accuracy beside the hold-out val that chose the checkpoint.
+
+  Not while a training run holds the workdir: it rewrites summary.json, and evaluate never writes
+  a file training writes.
+  """
   path = os.path.join(workdir, 'summary.json')
   if not os.path.exists(path):
+    return
+  if lock.holder(workdir) is not None:
+    print(f'left summary.json as it is: a training run holds {workdir}; the test metrics are in '
+          f'{os.path.join(workdir, "evaluation", "test_metrics.json")}')
     return
   summary = checkpoints.read_json(path)
   val = summary.get('best_val_accuracy')

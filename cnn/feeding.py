@@ -44,7 +44,12 @@ class HostFeed:
     self._images, self._labels, self._mesh = images, labels, mesh
 
   def __call__(self, idx: np.ndarray) -> dict[str, jax.Array]:
-    return shard_batch({'image': self._images[idx], 'label': self._labels[idx]}, self._mesh)
+    """Gathers only this process's share of the global batch `idx`."""
+    share = len(idx) // jax.process_count()
+    mine = idx[jax.process_index() * share:(jax.process_index() + 1) * share]
+    sharding = NamedSharding(self._mesh, P('data'))
+    return {k: jax.make_array_from_process_local_data(sharding, v[mine])
+            for k, v in (('image', self._images), ('label', self._labels))}
 
 
 class DeviceFeed:
@@ -65,7 +70,7 @@ class DeviceFeed:
 
 def device_memory_bytes() -> int | None:
   """What the first device can hold, or None where JAX does not say (the CPU backend)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get('bytes_limit')
 
 
@@ -80,10 +85,3 @@ def use_device_feed(mode: str, nbytes: int, max_fraction: float) -> bool:
   limit = device_memory_bytes()
   return (jax.default_backend() != 'cpu' and jax.process_count() == 1 and limit is not None
           and nbytes <= max_fraction * limit)
-
-
-def make_feed(config, images: np.ndarray, labels: np.ndarray,
-              mesh: Mesh) -> HostFeed | DeviceFeed:
-  """The feed config.device_data asks for (fields as in configs/default.py)."""
-  on = use_device_feed(config.device_data, images.nbytes, config.device_data_max_fraction)
-  return (DeviceFeed if on else HostFeed)(images, labels, mesh)

@@ -331,7 +331,7 @@ def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
     print(f'guided Grad-CAM skipped: it needs guided backprop, which is defined for ReLU only '
           f'(activation={model.activation!r})')
   _save_arrays(result, subject, config, out_dir)
-  writer = metrics_writer.MetricsWriter(config, workdir)
+  writer = metrics_writer.beside_training(config, workdir)
   try:
     writer.log_images(figures)
   finally:

@@ -3,21 +3,12 @@
     data_dir/train/<class>/*  -> train + class-balanced hold-out (validation)
     data_dir/val/<class>/*    -> test set, never seen by training
 
-Every image is decoded and resized once into a tensorflow-datasets cache of uint8 arrays keyed
-by the folder's contents and the image size; later runs load the arrays in seconds.
-
-The cache is written in TFDS's array_record format (VERSION 3.0.0) and read back through
-`builder.as_data_source()`. Neither imports TensorFlow: tensorflow_datasets imports it lazily,
-and the array_record package (a tensorflow-datasets dependency on Linux) does the file I/O, so
-the cache is built and read where only tensorflow-datasets is installed, and importing this
-module needs neither (tensorflow_datasets is imported on first use). Measured on a shared
-2-core machine (monkeys10, 1,369 photos at 128 px, warm page cache), a second run takes
-1.8-2.0 s from import to arrays (0.3 s import, 1.4-1.6 s read), against 13.5-17.7 s with the
-tfrecord cache of the previous code, 11.7-15.1 s of which is importing TensorFlow. Caches of
-that code (tfrecord, VERSION 2.0.0) are still read, with TensorFlow, when no 3.0.0 cache
-exists; where TensorFlow is missing the folder is decoded again into a 3.0.0 cache. uint8 .npy
-files beside the cache were the alternative (memory-mapped, faster still), but a second format
-to keep consistent with the TFDS one, for a read that already takes about a second.
+Every image is decoded and resized once into a tensorflow-datasets cache of uint8 arrays, keyed
+by the folder's contents and the image size; later runs read the arrays back instead of decoding
+again. The cache is TFDS's array_record format because TFDS writes it and reads it back (through
+`builder.as_data_source()`) without TensorFlow, which its TFRecord format needs. A cache written
+by an older version of this code is rebuilt in its place. tensorflow_datasets is imported on
+first use: training from arrays already in memory needs none of it.
 """
 
 import concurrent.futures
@@ -26,13 +17,11 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
-import importlib.util
 import os
 import pathlib
 import re
 import shutil
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator
 import warnings
@@ -54,12 +43,7 @@ SPLITS = ('train', 'val')
 
 # Unreadable files named one per line; the rest are counted (summary.json lists them all).
 WARNINGS_SHOWN = 5
-_VERSION = '3.0.0'  # array_record
-_LEGACY_VERSION = '2.0.0'  # tfrecord, of the previous code: only TensorFlow reads it
-# What TensorFlow's C++ side prints before its logger starts (so TF_CPP_MIN_LOG_LEVEL cannot
-# hide it): CUDA probes of the GPU build on a machine without a GPU, CPU-feature notices.
-_TF_NOISE = re.compile(r'cuInit|cudart_stub|cuda drivers|Unable to register cu|oneDNN|'
-                       r'cpu_feature_guard|rebuild TensorFlow|absl::InitializeLog|TF-TRT')
+_VERSION = '3.0.0'  # array_record; older versions' caches are rebuilt
 _DECODER_MODULES = r'PIL\.'
 
 
@@ -157,9 +141,7 @@ def read_image(path: str, image_size: int) -> np.ndarray:
   """One file -> (S, S, 3) uint8, antialiased bilinear; ImageReadError says which file and why.
 
   A JPEG whose short side keeps image_size pixels at 1/2, 1/4 or 1/8 scale is decoded at that
-  scale in the DCT (PIL's draft mode). Entropy decoding still dominates, and PIL does it 1.2x
-  faster than TensorFlow's decoder (measured: full-size photos, 4 threads on 2 cores, 433 vs
-  373 images/s); it releases the GIL, so threads decode in parallel.
+  scale in the DCT (PIL's draft mode). PIL releases the GIL, so threads decode in parallel.
   """
   _hide_decoder_warnings()
   try:
@@ -218,10 +200,7 @@ def _builder_class() -> type:
   class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
     """Decoded, resized uint8 images of one image folder at one size, as a TFDS dataset."""
 
-    # 3.0.0: array_record files, read without TensorFlow. 2.0.0: tfrecord files (the previous
-    # code's), decoded by PIL; 1.0.0 caches hold TensorFlow's decoding and are not read.
     VERSION = tfds.core.Version(_VERSION)
-    SUPPORTED_VERSIONS = [tfds.core.Version(_LEGACY_VERSION)]
 
     def __init__(self, *, splits: dict[str, FileList], class_names: list[str],
                  image_size: int, name: str, **kwargs):
@@ -321,78 +300,67 @@ def _quiet_tfds():
     logging.set_verbosity(old)
 
 
-@contextlib.contextmanager
-def _drop_stderr_lines(noise: re.Pattern):
-  """Passes on what C++ code writes to file descriptor 2 meanwhile, less the lines `noise` finds."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as caught:
-    os.dup2(caught.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      caught.seek(0)
-      for line in caught.read().decode(errors='replace').splitlines(keepends=True):
-        if not noise.search(line):
-          sys.stderr.write(line)
-
-
-def _import_tensorflow() -> None:
-  """TensorFlow, quiet and off the accelerators JAX uses; only a 2.0.0 cache needs it."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # its C++ INFO/WARNING logs
-  with _drop_stderr_lines(_TF_NOISE):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-
-
-# PLR0913: public call fixed by tests/test_input_pipeline.py (six positional arguments).
-def cache_builder(splits: dict[str, FileList], class_names: list[str], image_size: int,  # noqa: PLR0913
-                  name: str, root: pathlib.Path, version: str = _VERSION, **kwargs):
-  """The TFDS builder of one cache (`version` 2.0.0 reads, or with file_format writes, old ones)."""
-  if version == _VERSION:
-    kwargs.setdefault('file_format', 'array_record')
+def _cache_builder(splits: dict[str, FileList], class_names: list[str], image_size: int,
+                   name: str, root: pathlib.Path):
+  """The TFDS builder of one cache: array_record files under root/image_folder_cache/name."""
   with _quiet_tfds():
     return _builder_class()(splits=splits, class_names=class_names, image_size=image_size,
-                            name=name, data_dir=str(root), version=version, **kwargs)
+                            name=name, data_dir=str(root), version=_VERSION,
+                            file_format='array_record')
 
 
 def _prepared_builder(splits, class_names, image_size, name, root):
-  """A prepared cache of this folder: the 3.0.0 one, else a 2.0.0 one TensorFlow can read, else
-  a new 3.0.0 one. Call under the lock."""
+  """The builder of this folder's cache, built first where it is missing. Call under the lock."""
   # Made under the lock: a builder made earlier would not see splits another process wrote.
-  builder = cache_builder(splits, class_names, image_size, name, root)
-  if builder.is_prepared():
-    return builder
-  legacy = cache_builder(splits, class_names, image_size, name, root, _LEGACY_VERSION)
-  if legacy.is_prepared():
-    if importlib.util.find_spec('tensorflow') is not None:
-      return legacy
-    print(f'{legacy.data_dir} is a cache of an older version that needs TensorFlow, which is '
-          'not installed: decoding the images again', flush=True)
-  # A build killed earlier leaves its temporary folder; under the lock nobody else uses it.
-  for stale in pathlib.Path(builder.data_dir).parent.glob('incomplete.*'):
-    shutil.rmtree(stale, ignore_errors=True)
-  n, t = sum(len(s.paths) for s in splits.values()), time.perf_counter()
+  builder = _cache_builder(splits, class_names, image_size, name, root)
+  if not builder.is_prepared():
+    _build(builder, sum(len(s.paths) for s in splits.values()), image_size, root)
+  return builder
+
+
+def _build(builder, n: int, image_size: int, root: pathlib.Path) -> None:
+  """Decodes the `n` images into the cache; DiskFullError where the disk fills up meanwhile.
+
+  TFDS writes into an incomplete.* folder beside the version's folder and renames it when done,
+  removing it when the write fails: a failed build leaves nothing that reads as a cache.
+  """
+  _remove_leftovers(pathlib.Path(builder.data_dir).parent)
+  t = time.perf_counter()
   print(f'decoding {n} images once into {root} ...', flush=True)
-  builder.download_and_prepare()
+  with errors.disk_full_guard(str(root), n * image_size * image_size * 3,
+                              'no cache was written; the image folder is untouched'):
+    builder.download_and_prepare()
   t = time.perf_counter() - t
   print(f'cache built: {n} images in {t:.1f} s ({n / t:.0f} images/s)', flush=True)
-  return builder
+
+
+def _remove_leftovers(folder: pathlib.Path) -> None:
+  """Removes what a killed build left in `folder` (nobody else uses it under the lock) and the
+  caches of older versions, which this version does not read, saying so in one line."""
+  if not folder.is_dir():
+    return
+  for stale in folder.glob('incomplete.*'):
+    shutil.rmtree(stale, ignore_errors=True)
+  older = sorted(d.name for d in folder.iterdir() if d.is_dir() and _is_older_version(d.name))
+  if older:
+    print(f'rebuilding the image cache in {folder}: it was written by an older version '
+          f'({", ".join(older)}), whose files are replaced', flush=True)
+  for version in older:
+    shutil.rmtree(folder / version, ignore_errors=True)
+
+
+def _is_older_version(name: str) -> bool:
+  """True for a version folder's name (like 2.0.0) older than _VERSION."""
+  as_tuple = lambda v: tuple(int(x) for x in v.split('.'))
+  return re.fullmatch(r'\d+\.\d+\.\d+', name) is not None and as_tuple(name) < as_tuple(_VERSION)
 
 
 def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images, indices into discover()'s file list) of one split of a prepared cache."""
   if split in builder.decoded:
     return builder.decoded[split]
-  if str(builder.version) == _LEGACY_VERSION:
-    _import_tensorflow()
-    data = _tfds().as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    images, index = data['image'], data['index']
-  else:
-    images, index = _read_records(builder.as_data_source(split=split),
-                                  builder.info.features['image'].shape)
+  images, index = _read_records(builder.as_data_source(split=split),
+                                builder.info.features['image'].shape)
   order = np.argsort(index, kind='stable')
   return images[order], index[order]
 
@@ -482,7 +450,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-# PLR0913: public call fixed by tests/test_input_pipeline.py and cnn/train.py (seed=, epoch=).
+# PLR0913: public call of experiments/bench_measure.py and tests/test_input_pipeline.py.
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,  # noqa: PLR0913
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Full shuffled batches of one epoch from batch `start` on; the remainder waits a reshuffle."""

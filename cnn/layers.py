@@ -1,32 +1,24 @@
 """Drop-in layers that train the reference CNN several times faster on XLA:CPU.
 
 Used when config.conv_impl is 'cpu_eigen', or 'auto' (the default) on the CPU backend; pointless
-on GPU/TPU. Measured train steps on 2 shared cores: the optimal model (3x3, 64 filters, BN,
-VALID) 4.2-5.1x faster at 96-256 px than with nn.Conv, nn.BatchNorm and `models.max_pool_2x2`
-(128 px: 16.0 -> 66.8 images/s). The convolutions alone, against nn.Conv: 32 filters with BN,
-VALID 3x3 at 96 px 1.8x, VALID 5x5 at 200 px 2.6x; SAME 64 px sweep models whose last blocks
-are smaller than their kernel 2.5-18x (32 filters, filter_org 2, kernel 5: 7.8 -> 84.7 images/s).
+on GPU/TPU. docs/speed.md has the measured figures and the command that reproduces them.
 
 `Conv`: `nn.Conv` (stride 1, any padding) with the same parameters ('kernel' (kh, kw, in, out),
-'bias' (out,)), initialisers and results. XLA:CPU hands a plain 2-D f32 convolution to
-YNNPACK, which runs these layers at 10-30 GFLOP/s on a 2-core AVX2 machine (above all the
-filter gradient, at 5-20), while its Eigen kernels run them at 100-160. YNNPACK declines a
-convolution whose output or kernel is wider than its input, so each convolution here (forward,
-input gradient, filter gradient, tied together with `jax.custom_vjp`) gets a few extra zero
-columns that make it so, and Eigen runs it; the extra columns are sliced off. The RGB layer's
-forward pass (27 values per patch) runs as one patches matmul instead, and its filter
-gradient a quarter of the batch at a time. A kernel larger than its input (the last blocks of a
-SAME model at 64 px) sends every pass to the patches matmul: both XLA and Eigen are 50-100x
-slower there.
+'bias' (out,)), initialisers and results. XLA:CPU hands a plain 2-D f32 convolution to YNNPACK,
+which runs these layers several times slower than its Eigen kernels do (above all the filter
+gradient). YNNPACK declines a convolution whose output or kernel is wider than its input, so each
+convolution here (forward, input gradient, filter gradient, tied together with `jax.custom_vjp`)
+gets a few extra zero columns that make it so, and Eigen runs it; the extra columns are sliced off.
+The RGB layer's forward pass (27 values per patch) runs as one patches matmul instead, and its
+filter gradient a quarter of the batch at a time. A kernel larger than its input (the last blocks
+of a SAME model at 64 px) sends every pass to the patches matmul: both XLA and Eigen are far slower
+there.
 
 `BatchNormReluPool`: a training-mode block of `nn.BatchNorm` -> ReLU -> 2x2 max pool in one
-`jax.custom_vjp` with the variables of `nn.BatchNorm`, which absorbs the conv bias. Autodiff of
-the three ops reads and writes the full-size activation about ten times, and they were 20-30%
-of the step; this block reads it four times and writes it once (dx). `max_pool_2x2` is the pool
-alone, for models without batch norm. Both give the window's first maximum its whole gradient,
-as `nn.max_pool` does.
-With the block, the optimal model's train step went from 46-50 to 62-70 images/s at 128 px and
-from 11.3 to 16.5 at 256 px (same machine, side by side).
+`jax.custom_vjp` with the variables of `nn.BatchNorm`, which absorbs the conv bias. Autodiff of the
+three ops reads and writes the full-size activation about ten times, 20-30% of the step; this block
+reads it four times and writes it once (dx). `max_pool_2x2` is the pool alone, for models without
+batch norm. Both give the window's first maximum its whole gradient, as `nn.max_pool` does.
 """
 
 import functools

@@ -13,6 +13,7 @@ import urllib.request
 import ml_collections
 
 from cnn import config as config_lib
+from cnn import lock
 
 # Seconds to wait for wandb's service process to exit after a failed online init.
 TEARDOWN_TIMEOUT_S = 10.0
@@ -47,17 +48,23 @@ def format_epoch(epoch: int, num_epochs: int, m: dict[str, float]) -> str:
 
 
 class MetricsWriter:
-  """Appends epochs to metrics.jsonl, logs them to W&B (per wandb_mode) and prints one line."""
+  """Appends epochs to metrics.jsonl, logs them to W&B (per wandb_mode) and prints one line.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  `enabled=False` (every process but the first of a multi-host run) writes nothing.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, enabled: bool = True):
     self._workdir = workdir
     self._num_epochs = config.num_epochs
+    self._enabled = enabled
     self._run = None
     mode = resolve_wandb_mode(config.wandb_mode)
-    if mode != 'disabled':
+    if mode != 'disabled' and enabled:
       self._run = _init_wandb(config, workdir, mode)
 
   def write(self, epoch: int, metrics: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
     with open(os.path.join(self._workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'epoch': epoch, **metrics}) + '\n')
     print(format_epoch(epoch, self._num_epochs, metrics), flush=True)
@@ -80,6 +87,15 @@ class MetricsWriter:
     if self._run is not None:
       self._run.finish()
       self._run = None
+
+
+def beside_training(config: ml_collections.ConfigDict, workdir: str) -> MetricsWriter:
+  """The writer of a mode that starts from a trained workdir (evaluate, guided_bp): disabled,
+  with a line saying so, while a training run holds the workdir and logs to its W&B run."""
+  live = lock.holder(workdir) is not None
+  if live:
+    print(f'not logging to W&B: a training run holds {workdir} and logs to its W&B run')
+  return MetricsWriter(config, workdir, enabled=not live)
 
 
 def _init_wandb(config: ml_collections.ConfigDict, workdir: str, mode: str):

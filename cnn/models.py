@@ -155,8 +155,8 @@ def log_probabilities(model: CNN, variables: dict, images: jax.Array,
   if not tta_flip:
     return one(images)
   # The two passes one after the other (lax.map), not as two independent ones: XLA:CPU runs
-  # those concurrently on its one thread pool, 1.4x slower than in turn (tuned.py at 128 px,
-  # 128 images on 2 cores: 3.3 s against 2.3), and in turn they need one pass's memory.
+  # those concurrently on its one thread pool, slower than in turn (docs/speed.md), and in turn
+  # they need one pass's memory.
   both = jax.lax.map(one, jnp.stack([images, images[:, :, ::-1]]))
   return jnp.logaddexp(both[0], both[1]) - jnp.log(2.0)
 

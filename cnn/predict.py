@@ -4,43 +4,19 @@
 """
 
 import dataclasses
-import functools
 import json
 import pathlib
 import re
 import sys
 from typing import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
 from cnn import checkpoints
 from cnn import input_pipeline
 from cnn import models
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _log_probs(model: models.CNN, variables: dict, images: jax.Array,
-               tta_flip: bool) -> jax.Array:
-  return models.log_probabilities(model, variables, images.astype(np.float32) / 255.0, tta_flip)
-
-
-def class_log_probabilities(model: models.CNN, variables: dict, images: np.ndarray,
-                            batch_size: int, tta_flip: bool = False) -> np.ndarray:
-  """(N, C) log-probabilities of uint8 images (N, S, S, 3), in batches of one compiled shape.
-
-  `tta_flip` (config.tta_flip) averages each image with its mirror image, as validation did.
-  """
-  out = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    pad = batch_size - len(batch)
-    padded = np.pad(batch, ((0, pad), (0, 0), (0, 0), (0, 0)))
-    out.append(np.asarray(_log_probs(model, variables, padded, tta_flip))[:len(batch)])
-  if not out:
-    return np.zeros((0, model.num_classes), np.float32)
-  return np.concatenate(out)
+from cnn import trainer
 
 
 def image_files(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -86,7 +62,7 @@ def _readable(message: str) -> str:
   return re.sub(r'\s*\[Op:[^\]]*\][^)]*', '', message)
 
 
-# PLR0913: public call fixed by tests/test_predict.py and tests/test_old_workdirs.py.
+# PLR0913: the model, its weights and class names, the files, and the run's image settings.
 def predict_files(model: models.CNN, variables: dict, class_names: list[str],  # noqa: PLR0913
                   paths: Sequence[str], image_size: int, batch_size: int = 64,
                   top_k: int = 3, tta_flip: bool = False) -> list[Prediction]:
@@ -100,8 +76,8 @@ def predict_files(model: models.CNN, variables: dict, class_names: list[str],  #
     except input_pipeline.ImageReadError as e:
       results[i].error = _readable(str(e).removeprefix(f'{p}: '))
   if ok:
-    probs = np.exp(class_log_probabilities(model, variables, np.stack(images), batch_size,
-                                           tta_flip))
+    probs = np.exp(trainer.log_probabilities(model, variables, np.stack(images), batch_size,
+                                             tta_flip))
     for i, pr in zip(ok, probs):
       best = np.argsort(-pr, kind='stable')[:top_k]
       results[i].top = [(class_names[k], float(pr[k])) for k in best]

@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 import yaml
 
+from cnn import atomic
 from cnn import config as config_lib
 from cnn import sweep_files
 
@@ -42,105 +44,35 @@ SweepError = sweep_files.SweepError
 # ---------------------------------------------------------------------------- names and values
 
 
-def _to_python(value: Any) -> Any:
-  """numpy scalars (the engine's samples) -> Python values that JSON and ConfigDict accept."""
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, (list, tuple)):
-    return [_to_python(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _to_python(v) for k, v in value.items()}
-  return value
-
-
-def _to_bool(value: Any) -> bool:
-  if isinstance(value, bool):
-    return value
-  if isinstance(value, str) and value.lower() in ('true', 'false'):
-    return value.lower() == 'true'
-  if isinstance(value, int) and value in (0, 1):
-    return bool(value)
-  raise ValueError
-
-
-def _to_int(value: Any) -> int:
-  # bool is an int subclass, but True for kernel_size is a mistake, not a 1.
-  if isinstance(value, bool):
-    raise ValueError
-  if isinstance(value, int):
-    return value
-  if isinstance(value, float) and value.is_integer():
-    return int(value)
-  if isinstance(value, str):
-    return int(value)
-  raise ValueError
-
-
-def _to_float(value: Any) -> float:
-  if isinstance(value, bool):
-    raise ValueError
-  if isinstance(value, (int, float, str)):
-    return float(value)
-  raise ValueError
-
-
-def _to_str(value: Any) -> str:
-  if isinstance(value, str):
-    return value
-  raise ValueError
-
-
-def _to_tuple(value: Any) -> tuple:
-  if isinstance(value, (list, tuple)):
-    return tuple(value)
-  raise ValueError
-
-
-# Field type -> converter that raises ValueError for a value that does not fit. bool comes
-# before int because isinstance(True, int).
-_CONVERTERS = ((bool, _to_bool), (int, _to_int), (float, _to_float), (str, _to_str),
-               (tuple, _to_tuple))
-
-
-def _coerce(name: str, value: Any, current: Any) -> Any:
-  """`value` converted to the type of the config field's `current` value, or SweepError."""
-  value = _to_python(value)
-  for field_type, convert in _CONVERTERS:
-    if isinstance(current, field_type):
-      try:
-        return convert(value)
-      except ValueError:
-        raise SweepError(
-            f'sweep parameter {name}={value!r} ({type(value).__name__}) does not fit the '
-            f'config field {name}, which holds a {type(current).__name__} '
-            f'(now {current!r})') from None
-  return value
+def _plain(value: Any) -> Any:
+  """`value` as JSON gives it back: numpy scalars (the engine's samples) become Python values."""
+  return json.loads(json.dumps(value, default=lambda v: v.item()))
 
 
 def apply_sweep_params(config: ml_collections.ConfigDict,
                        params: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with the sweep's values, each converted to its field's type.
+  """A copy of `config` with the sweep's values, each checked against its field's type.
 
-  Raises SweepError naming unknown keys (with the closest field names) or values that do not
-  fit their field (e.g. 0.5 for kernel_size); 1 becomes 1.0 for a float field like filter_org.
+  ConfigDict's typed assignment does the checking, and turns 1 into 1.0 for a float field and
+  a list into a tuple for a tuple field. SweepError names an unknown key (with the closest field
+  name) or a value that does not fit its field (0.5 for kernel_size).
   """
-  unknown = [k for k in params if k not in config]
-  if unknown:
-    hints = []
-    for k in unknown:
-      close = difflib.get_close_matches(k, list(config.keys()), n=1)
-      hints.append(f'{k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
-    raise SweepError(f'sweep parameters {", ".join(hints)} are not config fields; the names '
-                     f'must be fields of configs/default.py')
   new = config.copy_and_resolve_references()
-  for key, value in params.items():
-    current = new[key]
-    if isinstance(current, ml_collections.ConfigDict):
-      if not isinstance(value, Mapping):
-        raise SweepError(f'sweep parameter {key} must be a mapping of its sub-fields')
-      new[key] = apply_sweep_params(current, value)
-    else:
-      new[key] = _coerce(key, value, current)
+  for name, value in params.items():
+    if name not in new:
+      close = difflib.get_close_matches(name, list(new.keys()), n=1)
+      hint = f' (did you mean {close[0]!r}?)' if close else ''
+      raise SweepError(f'sweep parameter {name!r}{hint} is not a config field')
+    current = new[name]
+    try:
+      # Typed assignment lets None into any field and a bool into a number (True is an int).
+      if value is None or isinstance(value, bool) != isinstance(current, bool):
+        raise TypeError(name)
+      new[name] = value
+    except TypeError:
+      raise SweepError(
+          f'sweep parameter {name}={value!r} ({type(value).__name__}) does not fit the config '
+          f'field {name} of type {type(current).__name__} (now {current!r})') from None
   return new
 
 
@@ -148,38 +80,24 @@ def apply_sweep_params(config: ml_collections.ConfigDict,
 
 
 def load_agent_params(path: str) -> dict[str, Any]:
-  """The values of one agent run, from the file `wandb agent` writes.
+  """The values of one agent run, from either file `wandb agent` writes for it.
 
-  `${args_json_file}` (wandb/sweep-ID/config-RUN.json): a JSON object {parameter: value}, as
-  wandb.sdk.launch.sweeps.utils.create_sweep_command_args dumps it. The agent's YAML twin
-  (config-RUN.yaml, $WANDB_SWEEP_PARAM_PATH: `wandb_version: 1` and {parameter: {value: v}})
-  is read too.
+  `${args_json_file}` (wandb/sweep-ID/config-RUN.json) is a JSON object {parameter: value}, as
+  wandb.sdk.launch.sweeps.utils.create_sweep_command_args dumps it; $WANDB_SWEEP_PARAM_PATH
+  (config-RUN.yaml) is W&B's config file: `wandb_version: 1` and {parameter: {value: v}}.
   """
   try:
     with open(path) as f:
       text = f.read()
-  except OSError as e:
-    raise SweepError(f'cannot read sweep parameter file {path}: {e}') from None
-  if path.endswith(('.yaml', '.yml')):
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-      raise SweepError(f'{path}: expected a mapping of parameters, got {type(data).__name__}')
-    data.pop('wandb_version', None)
-    params = {}
-    for key, entry in data.items():
-      if not isinstance(entry, dict) or 'value' not in entry:
-        raise SweepError(f'{path}: parameter {key!r} has no "value" entry')
-      params[key] = entry['value']
-    return params
-  try:
-    params = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise SweepError(f'{path} is not the JSON object `wandb agent` writes for '
-                     f'${{args_json_file}}: {e}') from None
+    params = yaml.safe_load(text) if path.endswith(('.yaml', '.yml')) else json.loads(text)
+  except (OSError, ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+    raise SweepError(f'cannot read the sweep parameter file {path}: {e}') from None
   if not isinstance(params, dict):
     raise SweepError(f'{path}: expected a JSON object {{parameter: value}}, got '
                      f'{type(params).__name__}')
-  return params
+  if params.pop('wandb_version', None) is None:
+    return params
+  return {k: entry['value'] for k, entry in params.items()}
 
 
 def agent_config(config: ml_collections.ConfigDict, sweep_params_path: str = '',
@@ -200,17 +118,6 @@ def agent_config(config: ml_collections.ConfigDict, sweep_params_path: str = '',
   return config
 
 
-def command_line_overrides(argv: Sequence[str]) -> tuple[str, ...]:
-  """Names of the config fields set by `--config.FIELD=...` (or `--config.FIELD VALUE`)."""
-  names = []
-  for arg in argv:
-    if arg.startswith(('--config.', '-config.')):
-      field = arg.split('config.', 1)[1].split('=', 1)[0].split('.', 1)[0]
-      if field and field not in names:
-        names.append(field)
-  return tuple(names)
-
-
 # ---------------------------------------------------------------------------- sweep specs
 
 
@@ -221,10 +128,8 @@ def load_sweep_config(path: str) -> dict:
   try:
     with open(path) as f:
       spec = yaml.safe_load(f)
-  except OSError as e:
+  except (OSError, yaml.YAMLError) as e:
     raise SweepError(f'cannot read sweep config {path}: {e}') from None
-  except yaml.YAMLError as e:
-    raise SweepError(f'{path} is not valid YAML: {e}') from None
   if not isinstance(spec, dict):
     raise SweepError(f'{path}: a sweep config is a YAML mapping (method, metric, parameters)')
   try:
@@ -238,8 +143,16 @@ def _is_searched(spec: Mapping[str, Any]) -> bool:
   return 'value' not in spec and not ('values' in spec and len(spec['values']) == 1)
 
 
+def _choices(spec: Mapping[str, Any]) -> list:
+  """The values of a parameter that the checks try: each categorical value, a range's ends."""
+  if 'value' in spec:
+    return [spec['value']]
+  return list(spec.get('values') or [spec[k] for k in ('min', 'max') if k in spec])
+
+
 def check_parameters(spec: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
-  """SweepError unless every parameter is a config field that may vary between runs."""
+  """SweepError unless every parameter is a config field that may vary between runs, and every
+  value it can take (of a range: both ends) fits the field."""
   params = spec['parameters']
   if 'early_terminate' in spec and 'metric' not in spec:
     raise SweepError('early_terminate needs a metric section (e.g. name: val_acc, goal: maximize)')
@@ -247,19 +160,9 @@ def check_parameters(spec: Mapping[str, Any], config: ml_collections.ConfigDict)
   if bad:
     raise SweepError(f'{", ".join(bad)} cannot be swept: every run of a sweep shares them '
                      f'(one decoded-image cache, one W&B project); set them with --config.FIELD')
-  # Checks names and types on one representative value of each parameter.
-  sample = {}
   for name, p in params.items():
-    if 'value' in p:
-      sample[name] = p['value']
-    elif 'values' in p:
-      sample[name] = p['values'][0]
-    elif 'min' in p:
-      sample[name] = p['min']
-  apply_sweep_params(config, sample)
-  for name, p in params.items():
-    for v in p.get('values', ()):
-      _coerce(name, v, config[name])
+    for value in _choices(p):
+      apply_sweep_params(config, {name: value})
 
 
 def pin_overrides(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
@@ -270,27 +173,17 @@ def pin_overrides(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
   `--config.num_epochs=5` on the command line means the user wants 5. Overriding a searched
   parameter is contradictory and raises SweepError.
   """
-  spec = json.loads(json.dumps(spec, default=_to_python))
+  spec = _plain(spec)
   for name in overrides:
     p = spec['parameters'].get(name)
     if p is None:
       continue
     if _is_searched(p):
       raise SweepError(f'--config.{name} is set on the command line but the sweep searches '
-                       f'{name} ({_describe(p)}); drop one of the two')
-    value = config[name]
-    spec['parameters'][name] = {'value': list(value) if isinstance(value, tuple) else value}
-    print(f'sweep: {name} fixed to {value!r} by --config.{name} (the sweep config says '
-          f'{_describe(p)})')
+                       f'{name} ({p}); drop one of the two')
+    spec['parameters'][name] = {'value': _plain(config[name])}
+    print(f'sweep: {name} fixed to {config[name]!r} by --config.{name} (the sweep config says {p})')
   return spec
-
-
-def _describe(p: Mapping[str, Any]) -> str:
-  if 'values' in p:
-    return f'values {p["values"]}'
-  if 'value' in p:
-    return f'value {p["value"]!r}'
-  return ', '.join(f'{k} {v}' for k, v in p.items())
 
 
 def check_space(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
@@ -300,26 +193,16 @@ def check_space(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
   Categorical parameters are enumerated and continuous ones tried at both ends, so a sweep
   that would draw e.g. kernel 7 on too small an image is announced before anything trains.
   """
-  names, choices = [], []
-  for name, p in spec['parameters'].items():
-    names.append(name)
-    if 'value' in p:
-      choices.append([p['value']])
-    elif 'values' in p:
-      choices.append(list(p['values']))
-    else:
-      choices.append([p['min'], p['max']])
-  total = int(np.prod([len(c) for c in choices])) if choices else 1
-  combos = itertools.product(*choices)
+  choices = {name: _choices(p) for name, p in spec['parameters'].items()}
   rejected, first = 0, ''
-  for values in itertools.islice(combos, limit):
+  for values in itertools.islice(itertools.product(*choices.values()), limit):
+    params = dict(zip(choices, values))
     try:
-      config_lib.validate(apply_sweep_params(config, dict(zip(names, values))))
+      config_lib.validate(apply_sweep_params(config, params))
     except config_lib.ConfigError as e:  # SweepError included
       rejected += 1
-      if not first:
-        first = f'{dict(zip(names, values))}: {e}'
-  return min(total, limit), rejected, first
+      first = first or f'{params}: {e}'
+  return min(math.prod(len(c) for c in choices.values()), limit), rejected, first
 
 
 # ---------------------------------------------------------------------------- reading a sweep
@@ -337,19 +220,17 @@ def engine_runs(workdir: str, exclude: str = '') -> list:
   exits cleanly after the stop the same way); runs drawn but not ended count as running.
   """
   import sweeps
-  ended = {r['run']: r for r in sweep_files.read_results(workdir)}
+  states = {None: sweeps.RunState.running, 'finished': sweeps.RunState.finished,
+            'stopped': sweeps.RunState.finished, 'failed': sweeps.RunState.failed}
+  ended = {r['run']: r['state'] for r in sweep_files.read_results(workdir)}
   runs = []
   for claim in sweep_files.read_claims(workdir):
     name = claim['run']
     if name == exclude:
       continue
-    record = ended.get(name)
-    state = {None: sweeps.RunState.running, 'finished': sweeps.RunState.finished,
-             'stopped': sweeps.RunState.finished,
-             'failed': sweeps.RunState.failed}[record and record['state']]
     history = _history(sweep_files.read_metrics(sweep_files.run_dir(workdir, name)))
     runs.append(sweeps.SweepRun(
-        name=name, state=state,
+        name=name, state=states[ended.get(name)],
         config={k: {'value': v} for k, v in claim['params'].items()},
         sampledHistory=history, summaryMetrics=history[-1] if history else {}))
   return runs
@@ -391,42 +272,34 @@ def _seeded(*entropy: int) -> Iterator[None]:
 def _wandb_group(group: str, wandb_mode: str) -> Iterator[None]:
   """The W&B runs started meanwhile go to `group`, with job type 'sweep'.
 
-  Set on wandb's session, not through $WANDB_RUN_GROUP: wandb reads its environment once, when
-  the session starts, so a variable set after any earlier run of this process was ignored,
-  and one read by the sweep's first run stayed on every later run of the process.
+  The metrics writer starts each run, so the group goes into the settings of wandb's session
+  (wandb.setup), which every wandb.init starts from. wandb.setup cannot unset a setting:
+  wandb.teardown afterwards ends the session, and the next one starts from the environment.
   """
   if wandb_mode == 'disabled':
     yield
     return
   import wandb
-  session = wandb.setup().settings  # what every wandb.init of this process starts from
-  old = {'run_group': session.run_group, 'run_job_type': session.run_job_type}
-  # Assigned, not passed to wandb.setup(settings=...): that skips None, so could not restore.
-  session.run_group, session.run_job_type = group, 'sweep'
+  wandb.setup(wandb.Settings(run_group=group, run_job_type='sweep'))
   try:
     yield
   finally:
-    for key, value in old.items():
-      setattr(session, key, value)
-
-
-def _key(params: Mapping[str, Any]) -> str:
-  return json.dumps(params, sort_keys=True)
+    wandb.teardown()
 
 
 def propose(spec: Mapping[str, Any], runs: list, seed: int, index: int) -> dict | None:
   """The engine's values for run `index` (None when a grid is exhausted), seeded so a sweep
   draws the same runs however often it is interrupted; random/bayes redraw repeats."""
   import sweeps
-  seen = {_key({k: v['value'] for k, v in r.config.items()}) for r in runs}
+  seen = [{k: v['value'] for k, v in r.config.items()} for r in runs]
   params = None
   for attempt in range(_MAX_DRAWS):
     with _seeded(seed, index, attempt):
       suggestion = sweeps.next_run(dict(spec), runs)
     if suggestion is None:
       return None
-    params = _to_python({k: v['value'] for k, v in suggestion.config.items()})
-    if _key(params) not in seen:
+    params = _plain({k: v['value'] for k, v in suggestion.config.items()})
+    if params not in seen:
       return params
   return params  # the space is exhausted: repeat rather than stop
 
@@ -446,7 +319,7 @@ def _hyperband_callback(spec: Mapping[str, Any], workdir: str, name: str, stop_i
     if metric not in metrics:
       raise SweepError(f'the sweep metric {metric!r} is not among the logged metrics '
                        f'{sorted(metrics)}; set metric.name in the sweep config to one of them')
-    rows = [r for r in sweep_files.read_metrics(run_dir) if r.get('epoch', 0) < epoch]
+    rows = [r for r in sweep_files.read_metrics(run_dir) if r['epoch'] < epoch]
     me = sweeps.SweepRun(name=name, state=sweeps.RunState.running,
                          sampledHistory=_history(rows + [{'epoch': epoch, **metrics}]))
     to_stop = sweeps.stop_runs(dict(spec), engine_runs(workdir, exclude=name) + [me])
@@ -472,6 +345,11 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
+def _write_json(path: str, data: Any) -> None:
+  """Atomically: other workers read these files without the lock."""
+  atomic.atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + '\n'))
+
+
 def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: str,
              claim: dict, train_fn: TrainFn) -> dict:
   """Trains one drawn run and returns its result record; errors become a failed record."""
@@ -487,7 +365,7 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     config = apply_sweep_params(base, claim['params'])
     config.run_name = name
     config.cache_dir = base.cache_dir  # one shared cache, whatever the sweep says
-    record['config'] = json.loads(json.dumps(config.to_dict(), default=str))
+    record['config'] = _plain(config.to_dict())
     config_lib.validate(config)
     callback = (_hyperband_callback(spec, workdir, name, stop_info)
                 if 'early_terminate' in spec else None)
@@ -495,7 +373,7 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     record['state'] = 'stopped' if stop_info else 'finished'
     record['num_params'] = summary.get('num_params')
     record['wall_time_s'] = summary.get('wall_time_s', time.time() - t0)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     # Any error ends this run only: the sweep goes on, and bayes learns the region is bad.
     record['error'] = f'{type(e).__name__}: {e}'
     os.makedirs(run_dir, exist_ok=True)
@@ -509,30 +387,29 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
   if accs:
     best = int(np.argmax(accs))
     record.update(best_val_acc=accs[best], final_val_acc=accs[-1],
-                  best_epoch=rows[best].get('epoch', best + 1), epochs=len(accs))
+                  best_epoch=rows[best]['epoch'], epochs=len(accs))
   record['hyperband'] = stop_info or None
   record['ended'] = _now()
   return record
 
 
 def _finish_wandb_run() -> None:
-  """Closes a W&B run left open by a crash, so the next run gets a run of its own."""
+  """Closes a W&B run left open by a crash: wandb.init would hand it to the next run."""
   wandb = sys.modules.get('wandb')
   if wandb is not None and getattr(wandb, 'run', None) is not None:
     try:
       wandb.finish(exit_code=1)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001
       logging.exception('could not finish the W&B run of a failed sweep run')
 
 
 def _check_spec_file(workdir: str, spec: dict, base: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/sweep.json, or refuses a rerun whose spec or base config differ."""
-  from cnn import checkpoints  # jax and orbax: not for the `wandb agent` path's agent_config
-  base_d = json.loads(json.dumps(base.to_dict(), default=str))
+  base_d = _plain(base.to_dict())
   old = sweep_files.read_spec(workdir)
   if old is None:
-    checkpoints.write_json(sweep_files.spec_path(workdir),
-                           {'spec': spec, 'base_config': base_d, 'created': _now()})
+    _write_json(os.path.join(workdir, sweep_files.SPEC_FILE),
+                {'spec': spec, 'base_config': base_d, 'created': _now()})
     return
   diffs = [f'sweep spec {old["spec"]} -> {spec}'] if old['spec'] != spec else []
   base_diff = config_lib.config_diff(config_lib.run_fields(old['base_config']),
@@ -543,29 +420,18 @@ def _check_spec_file(workdir: str, spec: dict, base: ml_collections.ConfigDict) 
                      f' Continue it with the same command, or use another --workdir')
 
 
-def _unique_name(workdir: str, name: str) -> str:
-  candidate, n = name, 1
-  while os.path.exists(sweep_files.run_dir(workdir, candidate)):
-    n += 1
-    candidate = f'{name}_{n}'
-  return candidate
-
-
 def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep_count: int,
                 stack: contextlib.ExitStack) -> dict | None:
   """Under the sweep lock: an interrupted run to resume, else a newly drawn one, else None.
 
   The chosen run's lock is entered on `stack` so other workers see it as running.
   """
-  from cnn import checkpoints
-  with _locked(sweep_files.sweep_lock_path(workdir)):
+  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
     ended = {r['run'] for r in sweep_files.read_results(workdir)}
     claims = sweep_files.read_claims(workdir)
     for claim in claims:
-      if claim['run'] in ended:
-        continue
-      lock = sweep_files.run_lock_path(workdir, claim['run'])
-      if stack.enter_context(_locked(lock, blocking=False)):
+      run_lock = os.path.join(sweep_files.run_dir(workdir, claim['run']), sweep_files.RUN_LOCK)
+      if claim['run'] not in ended and stack.enter_context(_locked(run_lock, blocking=False)):
         print(f'sweep: resuming interrupted run {claim["run"]}')
         return claim
     if len(claims) >= sweep_count:
@@ -578,11 +444,14 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
     extra = [k for k, p in spec['parameters'].items()
              if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
     run_config = apply_sweep_params(base, params)
-    name = _unique_name(workdir, config_lib.hyperparameter_name(run_config, extra))
+    name = config_lib.hyperparameter_name(run_config, extra)
+    if os.path.exists(sweep_files.run_dir(workdir, name)):
+      name += f'_{index + 1}'  # values drawn again once the space is exhausted
     claim = {'run': name, 'index': index, 'params': params, 'created': _now()}
-    os.makedirs(sweep_files.run_dir(workdir, name))
-    stack.enter_context(_locked(sweep_files.run_lock_path(workdir, name)))
-    checkpoints.write_json(sweep_files.run_file_path(workdir, name), claim)
+    run_dir = sweep_files.run_dir(workdir, name)
+    os.makedirs(run_dir)
+    stack.enter_context(_locked(os.path.join(run_dir, sweep_files.RUN_LOCK)))
+    _write_json(os.path.join(run_dir, sweep_files.RUN_FILE), claim)
     return claim
 
 
@@ -600,49 +469,51 @@ def _run_header(claim: dict, sweep_count: int, ended: list[dict]) -> str:
 
 def _append_result(workdir: str, record: dict) -> None:
   # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
-  with _locked(sweep_files.sweep_lock_path(workdir)):
-    with open(sweep_files.results_path(workdir), 'a') as f:
-      f.write(json.dumps(_to_python(record), default=str) + '\n')
+  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
+    with open(os.path.join(workdir, sweep_files.RESULTS_FILE), 'a') as f:
+      f.write(json.dumps(_plain(record)) + '\n')
 
 
-# PLR0913: public call fixed by main.py and tests/test_sweep.py (five keyword arguments).
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,  # noqa: PLR0913
-              sweep_count: int, overrides: Sequence[str] | None = None,
-              train_fn: TrainFn | None = None, report: bool = True) -> list[dict]:
-  """Runs the sweep of `sweep_config_path` offline in `workdir` until it holds `sweep_count`
-  runs (a grid also ends when exhausted); returns all result records, best first.
-
-  `overrides`: config fields set on the command line (default: parsed from sys.argv), which
-  win over the YAML's single-valued parameters. `train_fn` defaults to
-  cnn.train.train_and_evaluate.
-  """
-  if train_fn is None:
-    from cnn import train
-    train_fn = train.train_and_evaluate
-  if overrides is None:
-    overrides = command_line_overrides(sys.argv)
-  spec = load_sweep_config(sweep_config_path)
-  check_parameters(spec, config)
-  spec = pin_overrides(spec, config, overrides)
-  if sweep_count <= 0:
-    raise SweepError(f'--sweep_count={sweep_count}: give the number of runs the sweep should '
-                     f'hold in total, e.g. --sweep_count=20')
-
+def _prepare(config: ml_collections.ConfigDict, workdir: str, spec: dict
+             ) -> ml_collections.ConfigDict:
+  """The base config of every run; checks the workdir's sweep.json and the value space."""
   base = config.copy_and_resolve_references()
   if base.cache_dir:
     base.cache_dir = os.path.abspath(base.cache_dir)
   if base.wandb_mode == '':
     base.wandb_mode = 'offline'  # no W&B server assumed: `wandb sync` uploads the runs later
   os.makedirs(os.path.join(workdir, sweep_files.RUNS_DIR), exist_ok=True)
-  with _locked(sweep_files.sweep_lock_path(workdir)):
+  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
     _check_spec_file(workdir, spec, base)
-
   total, rejected, first = check_space(spec, base)
   if rejected:
     print(f'sweep: warning: {rejected} of {total} value combinations are rejected by the config '
           f'check and will be recorded as failed, e.g. {first}')
-  group = spec.get('name') or os.path.basename(os.path.abspath(workdir))
-  with _wandb_group(group, base.wandb_mode):
+  return base
+
+
+# PLR0913: the sweep's inputs, all but the first two by keyword.
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_path: str,  # noqa: PLR0913
+              sweep_count: int, overrides: Sequence[str] = (), train_fn: TrainFn | None = None,
+              report: bool = True) -> list[dict]:
+  """Runs the sweep of `sweep_config_path` offline in `workdir` until it holds `sweep_count`
+  runs (a grid also ends when exhausted); returns all result records, best first.
+
+  `overrides`: the config fields set on the command line, which win over the YAML's
+  single-valued parameters. `train_fn` defaults to cnn.runs.train_and_evaluate.
+  """
+  if train_fn is None:
+    from cnn import runs
+    train_fn = runs.train_and_evaluate
+  spec = load_sweep_config(sweep_config_path)
+  check_parameters(spec, config)
+  spec = pin_overrides(spec, config, overrides)
+  if sweep_count <= 0:
+    raise SweepError(f'--sweep_count={sweep_count}: give the number of runs the sweep should '
+                     f'hold in total, e.g. --sweep_count=20')
+  base = _prepare(config, workdir, spec)
+  with _wandb_group(spec.get('name') or os.path.basename(os.path.abspath(workdir)),
+                    base.wandb_mode):
     while True:
       with contextlib.ExitStack() as stack:
         claim = _next_claim(workdir, spec, base, sweep_count, stack)
@@ -655,7 +526,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
       print(f'sweep: {record["run"]}: {record["state"]}'
             + (f', best val_acc {acc:.4f} at epoch {record["best_epoch"]}' if acc is not None
                else ''), flush=True)
-
   results = sweep_files.read_results(workdir)
   done = sum(r['state'] != 'failed' for r in results)
   print(f'sweep: {len(results)} runs in {workdir} ({done} trained, {len(results) - done} failed)')
@@ -664,4 +534,3 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
     sweep_report.write_report(workdir)
   return sorted(results, key=lambda r: -(r['best_val_acc'] if r['best_val_acc'] is not None
                                          else -1.0))
-

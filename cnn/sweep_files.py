@@ -11,8 +11,8 @@ neither needs the other to find a file.
 """
 
 import json
-import logging
 import os
+from typing import Any, Callable
 
 from cnn import config as config_lib
 
@@ -20,27 +20,14 @@ RESULTS_FILE = 'sweep_results.jsonl'
 SPEC_FILE = 'sweep.json'
 RUNS_DIR = 'runs'
 RUN_FILE = 'sweep_run.json'  # in each run's folder: the drawn values, written at draw time
-METRICS_FILE = 'metrics.jsonl'  # in each run's folder, written by cnn.train
+METRICS_FILE = 'metrics.jsonl'  # in each run's folder, written by the training run
 REPORT_DIR = 'report'
-_RUN_LOCK = '.sweep_run.lock'  # held while the run trains: a free lock means it was interrupted
-_SWEEP_LOCK = '.sweep.lock'
+RUN_LOCK = '.sweep_run.lock'  # in each run's folder, held while it trains: free = interrupted
+SWEEP_LOCK = '.sweep.lock'  # held while a worker reads or changes what is drawn and ended
 
 
 class SweepError(config_lib.ConfigError):
   """A sweep spec, sweep values or sweep workdir that cannot work; the message says what to do."""
-
-
-def results_path(workdir: str) -> str:
-  return os.path.join(workdir, RESULTS_FILE)
-
-
-def spec_path(workdir: str) -> str:
-  return os.path.join(workdir, SPEC_FILE)
-
-
-def sweep_lock_path(workdir: str) -> str:
-  """Held while a worker reads or changes what the sweep has drawn and ended."""
-  return os.path.join(workdir, _SWEEP_LOCK)
 
 
 def run_dir(workdir: str, name: str) -> str:
@@ -48,72 +35,50 @@ def run_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, RUNS_DIR, name)
 
 
-def run_file_path(workdir: str, name: str) -> str:
-  return os.path.join(run_dir(workdir, name), RUN_FILE)
-
-
-def run_lock_path(workdir: str, name: str) -> str:
-  return os.path.join(run_dir(workdir, name), _RUN_LOCK)
-
-
-def report_dir(workdir: str) -> str:
-  return os.path.join(workdir, REPORT_DIR)
-
-
-def read_spec(workdir: str) -> dict | None:
-  """sweep.json ({'spec', 'base_config', 'created'}), or None before the sweep's first start."""
-  path = spec_path(workdir)
+def _read_json(path: str) -> Any:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def read_results(workdir: str) -> list[dict]:
-  """The ended runs of WORKDIR/sweep_results.jsonl, one per run (the last line wins)."""
-  path = results_path(workdir)
+def _read_jsonl(path: str, key: Callable[[dict], Any]) -> list[dict]:
+  """The rows of a JSON-lines file, one per `key` (the last line wins), sorted by it.
+
+  A line that is not JSON is skipped: one cut short by a kill, or being written right now.
+  """
   if not os.path.exists(path):
     return []
-  by_run = {}
-  with open(path) as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        logging.warning('%s line %d is not JSON (a write cut short?); ignored', path, i + 1)
-        continue
-      by_run.pop(record['run'], None)
-      by_run[record['run']] = record
-  return sorted(by_run.values(), key=lambda r: r.get('index', 0))
-
-
-def read_metrics(run_dir_path: str) -> list[dict]:
-  """The epochs of a run's metrics.jsonl, one per epoch (the last line wins), in order."""
-  path = os.path.join(run_dir_path, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  by_epoch = {}
+  rows = {}
   with open(path) as f:
     for line in f:
       try:
         row = json.loads(line)
       except json.JSONDecodeError:
-        continue  # a line being written right now
-      by_epoch[row.get('epoch', len(by_epoch) + 1)] = row
-  return [by_epoch[e] for e in sorted(by_epoch)]
+        continue
+      rows[key(row)] = row
+  return [rows[k] for k in sorted(rows)]
+
+
+def read_spec(workdir: str) -> dict | None:
+  """sweep.json ({'spec', 'base_config', 'created'}), or None before the sweep's first start."""
+  return _read_json(os.path.join(workdir, SPEC_FILE))
+
+
+def read_results(workdir: str) -> list[dict]:
+  """The ended runs of WORKDIR/sweep_results.jsonl, one per run, by draw index."""
+  rows = _read_jsonl(os.path.join(workdir, RESULTS_FILE), lambda r: r['run'])
+  return sorted(rows, key=lambda r: r['index'])
+
+
+def read_metrics(run_dir_path: str) -> list[dict]:
+  """The epochs of a run's metrics.jsonl, one per epoch (the last line wins), in order."""
+  return _read_jsonl(os.path.join(run_dir_path, METRICS_FILE), lambda r: r['epoch'])
 
 
 def read_claims(workdir: str) -> list[dict]:
   """Every drawn run's sweep_run.json (ended or not), by draw index."""
   root = os.path.join(workdir, RUNS_DIR)
-  if not os.path.isdir(root):
-    return []
-  claims = []
-  for name in os.listdir(root):
-    path = run_file_path(workdir, name)
-    if os.path.exists(path):
-      with open(path) as f:
-        claims.append(json.load(f))
-  return sorted(claims, key=lambda c: c['index'])
+  names = os.listdir(root) if os.path.isdir(root) else []
+  claims = [_read_json(os.path.join(run_dir(workdir, name), RUN_FILE)) for name in names]
+  return sorted((c for c in claims if c is not None), key=lambda c: c['index'])

@@ -33,16 +33,6 @@ TOP_RUNS = 10
 _SAVEFIG = {'dpi': 120, 'facecolor': 'auto', 'bbox_inches': 'tight'}
 
 
-def _load_spec(workdir: str, records: Sequence[dict]) -> dict:
-  saved = sweep_files.read_spec(workdir)
-  if saved is not None:
-    return saved['spec']
-  # Without sweep.json every parameter seen is shown as categorical.
-  names = {k: None for r in records for k in r['params']}
-  return {'parameters': {k: {'values': sorted({json.dumps(r['params'].get(k)) for r in records})}
-                         for k in names}}
-
-
 def searched_parameters(spec: dict) -> list[dict]:
   """The parameters that vary: name, kind ('categorical' or 'numeric'), values or range, log."""
   out = []
@@ -111,19 +101,20 @@ def parameter_importance(records: Sequence[dict], params: Sequence[dict],
 # ---------------------------------------------------------------------------- plots
 
 
-def _empty(fig: Figure, message: str) -> None:
-  ax = fig.add_subplot()
-  ax.text(0.5, 0.5, message, ha='center', va='center')
-  ax.set_axis_off()
+def _save(fig: Figure, path: str, empty: str = '') -> None:
+  """Saves `fig`; with `empty`, a figure that says why there is nothing to draw instead."""
+  if empty:
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, empty, ha='center', va='center')
+    ax.set_axis_off()
+  figures.save(fig, path, **_SAVEFIG)
 
 
 def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
   runs = sorted(_scored(records), key=lambda r: r['created'])
   fig = Figure(figsize=(8, 4.5))
   if not runs:
-    _empty(fig, 'no run has a val_acc yet')
-    figures.save(fig, path, **_SAVEFIG)
-    return
+    return _save(fig, path, 'no run has a val_acc yet')
   t = [mdates.date2num(datetime.datetime.fromisoformat(r['created'])) for r in runs]
   acc = np.asarray([r['best_val_acc'] for r in runs])
   ax = fig.add_subplot()
@@ -138,7 +129,7 @@ def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
   failed = len(records) - len(runs)
   ax.set_title(f'val_acc v. created ({len(runs)} runs' + (f', {failed} failed)' if failed else ')'))
   ax.legend(loc='lower right')
-  figures.save(fig, path, **_SAVEFIG)
+  _save(fig, path)
 
 
 def _axis_positions(p: dict, values: Sequence[Any]) -> tuple[np.ndarray, list, list]:
@@ -166,29 +157,22 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
   runs = sorted(_scored(records), key=lambda r: r['best_val_acc'])  # best drawn last, on top
   fig = Figure(figsize=(1.6 * (len(params) + 1) + 2, 5))
   if not runs or not params:
-    _empty(fig, 'no run has a val_acc yet' if not runs else 'the sweep varies no parameter')
-    figures.save(fig, path, **_SAVEFIG)
-    return
+    return _save(fig, path, 'the sweep varies no parameter' if runs else 'no run has a val_acc yet')
   acc = np.asarray([r['best_val_acc'] for r in runs])
   lo, hi = float(acc.min()), float(acc.max())
   if hi - lo < 1e-9:
     lo, hi = lo - 0.01, hi + 0.01
   acc_axis = {'name': 'val_acc', 'kind': 'numeric', 'min': lo, 'max': hi, 'log': False}
   axes = list(params) + [acc_axis]
-  columns, ticks = [], []
-  for p in axes:
-    values = acc if p is acc_axis else [r['params'].get(p['name']) for r in runs]
-    pos, tick_pos, tick_labels = _axis_positions(p, values)
-    columns.append(pos)
-    ticks.append((tick_pos, tick_labels))
-  ys = np.stack(columns, axis=1)
+  columns = [_axis_positions(p, [r['params'].get(p['name']) for r in runs]) for p in params]
+  columns.append(_axis_positions(acc_axis, acc))
   norm = colors.Normalize(lo, hi)
   cmap = matplotlib.colormaps['viridis']
   ax = fig.add_subplot()
   xs = np.arange(len(axes))
-  for y, a in zip(ys, acc):
+  for y, a in zip(np.stack([pos for pos, _, _ in columns], axis=1), acc):
     ax.plot(xs, y, color=cmap(norm(a)), alpha=0.85, linewidth=1.5)
-  for x, (tick_pos, tick_labels) in zip(xs, ticks):
+  for x, (_, tick_pos, tick_labels) in zip(xs, columns):
     ax.axvline(x, color='0.3', linewidth=1)
     for tp, tl in zip(tick_pos, tick_labels):
       ax.text(x - 0.04, tp, tl, ha='right', va='center', fontsize=8,
@@ -201,15 +185,13 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
     ax.spines[side].set_visible(False)
   fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='val_acc')
   ax.set_title(f'parallel coordinates, {len(runs)} runs')
-  figures.save(fig, path, **_SAVEFIG)
+  _save(fig, path)
 
 
 def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
   fig = Figure(figsize=(10, 0.45 * max(len(rows), 2) + 1.5))
   if not rows:
-    _empty(fig, 'no parameter varies across runs with a val_acc')
-    figures.save(fig, path, **_SAVEFIG)
-    return
+    return _save(fig, path, 'no parameter varies across runs with a val_acc')
   names = [r['feature'] for r in rows][::-1]
   ax_imp, ax_cor = fig.subplots(1, 2, sharey=True)
   if rows[0]['importance'] is None:
@@ -224,7 +206,7 @@ def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
   ax_cor.set_xlim(-1, 1)
   ax_cor.set_xlabel('correlation with val_acc')
   fig.suptitle('parameter importance with respect to val_acc')
-  figures.save(fig, path, **_SAVEFIG)
+  _save(fig, path)
 
 
 def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> None:
@@ -232,9 +214,7 @@ def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> Non
   curves = [(r, sweep_files.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
   curves = [(r, rows) for r, rows in curves if rows]
   if not curves:
-    _empty(fig, 'no run has logged an epoch yet')
-    figures.save(fig, path, **_SAVEFIG)
-    return
+    return _save(fig, path, 'no run has logged an epoch yet')
   ax = fig.add_subplot()
   for r, rows in curves:
     style = '--' if r['state'] == 'stopped' else '-'
@@ -245,45 +225,32 @@ def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> Non
   ax.set_title('val_acc per epoch (dashed: stopped by hyperband)')
   if len(curves) <= 10:
     ax.legend(fontsize=6)
-  figures.save(fig, path, **_SAVEFIG)
+  _save(fig, path)
 
 
 # ---------------------------------------------------------------------------- summary.md
 
 
 def best_config_block(record: dict, sweep_name: str = '') -> str:
-  """The best run's config as a configs/*.py module: default.get_config() plus its changes."""
-  try:
-    from configs import default
-    defaults = default.get_config().to_dict()
-  except ImportError:  # outside the repository: spell out every field
-    defaults = {}
+  """The best run's config as a configs/*.py module: default.get_config() plus its changes.
+
+  The changes are found against cnn.config.default_config(), which default.get_config() is.
+  """
+  defaults = config_lib.default_config()
   lines = []
   for key, value in record['config'].items():
     if key in config_lib.NON_REPORT_FIELDS:
       continue
     if key in defaults:
-      old = defaults[key]
-      if isinstance(old, tuple):
-        value = tuple(value)
-      if value == old and type(value) is type(old):
+      value = tuple(value) if isinstance(defaults[key], tuple) else value
+      if value == defaults[key] and type(value) is type(defaults[key]):
         continue
     lines.append(f'  c.{key} = {value!r}')
   acc = record['best_val_acc']
   title = f'Best run of sweep {sweep_name}' if sweep_name else 'Best run of a sweep'
-  return '\n'.join([
-      f'"""{title}: val_acc {acc:.4f} at epoch {record["best_epoch"]} of {record["epochs"]}, '
-      f'run {record["run"]}."""',
-      '',
-      'from configs import default',
-      '',
-      '',
-      'def get_config():',
-      '  c = default.get_config()',
-      *lines,
-      '  return c',
-      '',
-  ])
+  return (f'"""{title}: val_acc {acc:.4f} at epoch {record["best_epoch"]} of {record["epochs"]}, '
+          f'run {record["run"]}."""\n\nfrom configs import default\n\n\ndef get_config():\n'
+          '  c = default.get_config()\n' + ''.join(f'{line}\n' for line in lines) + '  return c\n')
 
 
 def _cell(value: Any) -> str:
@@ -337,35 +304,31 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
 
 
 def write_report(workdir: str) -> dict[str, str]:
-  """Writes WORKDIR/report/ from sweep_results.jsonl and the runs' metrics; returns the paths."""
+  """Writes WORKDIR/report/ from the sweep's files and the runs' metrics; returns the paths."""
   records = sweep_files.read_results(workdir)
-  spec = _load_spec(workdir, records)
+  spec = sweep_files.read_spec(workdir)['spec']
   params = searched_parameters(spec)
-  out_dir = sweep_files.report_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  importance = parameter_importance(records, params)
+  out_dir = os.path.join(workdir, sweep_files.REPORT_DIR)
   paths = {name: os.path.join(out_dir, f'{name}.png') for name in (
       'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
-  importance = parameter_importance(records, params)
   plot_val_acc_vs_created(records, paths['val_acc_vs_created'])
   plot_parallel_coordinates(records, params, paths['parallel_coordinates'])
   plot_parameter_importance(importance, paths['parameter_importance'])
   plot_val_acc_curves(records, workdir, paths['val_acc_curves'])
+  images = {name.replace('_', ' '): path for name, path in paths.items()}
+  summary = summary_markdown(records, spec, importance, images)
+  paths['summary'] = os.path.join(out_dir, 'summary.md')
+  atomic.atomic_write(paths['summary'], lambda f: f.write(summary))
   ranked = sorted(_scored(records), key=lambda r: -r['best_val_acc'])
   if ranked:
+    block = best_config_block(ranked[0], spec.get('name', ''))
     paths['best_config'] = os.path.join(out_dir, 'best_config.py')
-    _write_text(paths['best_config'], best_config_block(ranked[0], spec.get('name', '')))
-  paths['summary'] = os.path.join(out_dir, 'summary.md')
-  images = {name.replace('_', ' '): paths[name] for name in (
-      'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
-  _write_text(paths['summary'], summary_markdown(records, spec, importance, images))
+    atomic.atomic_write(paths['best_config'], lambda f: f.write(block))
   print(f'sweep report: {out_dir}/ ({len(records)} runs'
         + (f', best val_acc {ranked[0]["best_val_acc"]:.4f}: {ranked[0]["run"]})' if ranked
            else ')'))
   return paths
-
-
-def _write_text(path: str, text: str) -> None:
-  atomic.atomic_write(path, lambda f: f.write(text))
 
 
 def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
@@ -375,7 +338,7 @@ def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
   if argv_rest:
     raise sweep_files.SweepError(
         f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
-  if not os.path.exists(sweep_files.results_path(workdir)):
+  if not os.path.exists(os.path.join(workdir, sweep_files.RESULTS_FILE)):
     raise sweep_files.SweepError(
         f'no {sweep_files.RESULTS_FILE} in {workdir}: run a sweep there first '
         f'(--mode=sweep --sweep_config=configs/sweep.yaml)')

@@ -1,60 +1,39 @@
-r"""The benchmark's GPU part: train-step images/s and MFU of ours vs PyTorch, and an epoch.
+r"""The GPU benchmark: train-step images/s and MFU of ours vs PyTorch, and an epoch (docs/gpu.md).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_gpu --out=bench_gpu.jsonl
   python experiments/bench_gpu.py --dry_run --out=/tmp/dry.jsonl   # every part, tiny, on the CPU
   python -m experiments.bench_gpu --table_from=bench_gpu.jsonl       # the table of a past run
 
-Measures, each cell (image size x batch size x dtype) in fresh processes:
-  * ours: configs/optimal.py's train step (`cnn.train.steps_for(...).train`, no augmentation)
-    fed by cnn.feeding.HostFeed (sliced on the host, copied each step) and DeviceFeed (the
-    uint8 set on the GPU, each batch gathered there); float32 or config.dtype='bfloat16'.
-  * torch: the same network (experiments.bench_measure.torch_model), Adam 1e-3, channels-last,
-    each batch gathered from a uint8 set on the GPU; eager, then torch.compile (a failure is
-    recorded); float32 or bfloat16 autocast. Both sides run at their default TF32 settings,
-    which every record states.
-  * MFU = 3 x forward FLOPs per image (cnn.count's textbook count) x images/s / the GPU's
-    dense peak for the dtype (PEAK_TFLOPS; float32 counts at the TF32 peak where convolutions
-    run in TF32, as both frameworks' defaults do on Hopper); None on a GPU not in the table.
-  * e2e: two epochs of `cnn.train.train_and_evaluate` with augmentation on an in-memory
-    iNaturalist-sized set of random images; the second (compile-free) epoch's time.
-Times exclude warm-up; the first step's time less a later one's is reported as compile_s; a
-cell's figure is the median of --rounds rounds. Ours' host and device feeds are interleaved
-round by round.
-
-Priority: the largest size and batch in every dtype (ours, torch eager, torch.compile), then
-the e2e epoch, then the other cells (ours and torch eager), then their torch.compile. Nothing
-starts with less than --min_task_s of --deadline_s left, and a child still running at the
-deadline is killed; every result is a JSON line of --out, written as it comes, so a cut-off
-run still reports. The child processes' output goes to the folder --out.logs/.
-
-On the GPU machine (jax with CUDA, flax, optax, orbax-checkpoint, absl, numpy, pillow, torch;
-no TensorFlow or W&B needed) cnn/ and configs/ also need ml-collections and PyYAML, which it
-imports: carry their wheels along and `pip install --no-deps` them first (the script says so
-before measuring anything when they are missing). The full plan is estimated (not yet
-measured) at 15-17 min on an H200, about half of it torch.compile's compilations; the default
---deadline_s=480 cuts it at 8 min, after the largest cells and the e2e epoch, which come first.
+Each cell (image size x batch size x dtype) runs its variants in fresh processes of
+experiments/bench_harness.py, the CPU benchmark's harness, their rounds interleaved: ours fed
+from the host or from device memory (cnn.feeding's HostFeed, DeviceFeed); PyTorch eager and
+torch.compile (the dry run compiles with the 'aot_eager' backend, not minutes of C++; without
+torch its cells say "skipped: not installed"); then two epochs of `cnn.runs.train_and_evaluate`
+on random images in memory. MFU = 3 x forward FLOPs per image (cnn.count) x images/s / the
+GPU's dense peak for the dtype (PEAK_TFLOPS; float32 at the TF32 peak where the convolutions run
+in TF32, both frameworks' default); None on other GPUs. The largest cells come first, then the
+epoch, then the rest, then their torch.compile; nothing starts with less than --min_task_s of
+--deadline_s left, a child still running at the deadline is killed, and each record is a JSON
+line of --out as it comes, so a cut-off run still reports. On the GPU machine cnn/ and configs/
+also need ml-collections and PyYAML: `pip install --no-deps` their wheels (the script checks).
 """
 
 import importlib.util
 import json
-import os
 import pathlib
-import platform
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, NamedTuple
 
-from absl import app
-from absl import flags
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __package__ in (None, ''):
   # Run as a script (python experiments/bench_gpu.py): sys.path holds experiments/, not the
   # repository root that `experiments` is imported from.
-  sys.path.insert(0, str(ROOT))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+from experiments import bench_harness  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 
@@ -66,13 +45,13 @@ PEAK_TFLOPS = {
 }
 
 # What --dry_run changes, unless given on the command line: every part, tiny, on the CPU.
-DRY_RUN = {'sizes': ['96'], 'batches': ['8'], 'rounds': 1, 'steps_per_round': 2,
-           'warmup_steps': 1, 'min_round_s': 0.0, 'e2e_images': 64, 'e2e_holdout': 16,
-           'e2e_size': 96}
+DRY_RUN = {'sizes': ['96'], 'batches': ['8'], 'dtypes': ['bfloat16'], 'rounds': 1,
+           'steps_per_round': 2, 'warmup_steps': 1, 'min_round_s': 0.0, 'e2e_images': 64,
+           'e2e_holdout': 16, 'e2e_size': 96, 'torch_compile_backend': 'aot_eager'}
 SETTINGS = ('frameworks', 'parts', 'sizes', 'batches', 'dtypes', 'rounds', 'steps_per_round',
             'warmup_steps', 'min_round_s', 'e2e_images', 'e2e_holdout', 'e2e_size',
-            'e2e_batch', 'e2e_dtype', 'deadline_s', 'min_task_s')
-# What ours needs; PyYAML because ml_collections imports it. A missing torch is recorded instead.
+            'e2e_batch', 'e2e_dtype', 'deadline_s', 'min_task_s', 'torch_compile_backend')
+# What ours needs; PyYAML because ml_collections imports it. Without torch its cells are skipped.
 OURS_NEEDS = ('jax', 'flax', 'optax', 'orbax', 'ml_collections', 'yaml', 'PIL')
 CHILD_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # JAX takes GPU memory as it needs it
 
@@ -100,6 +79,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('e2e_batch', 0, 'Batch size of the e2e run; 0: the batch at which ours '
                        'ran fastest at e2e_size so far (the largest if none ran).')
   flags.DEFINE_string('e2e_dtype', 'float32', 'Compute dtype of the e2e run.')
+  flags.DEFINE_string('torch_compile_backend', 'inductor', "torch.compile's backend.")
 
 
 def settings_from_flags() -> dict[str, Any]:
@@ -111,11 +91,8 @@ def settings_from_flags() -> dict[str, Any]:
   return s
 
 
-# ---------------------------------------------------------------------------- the plan
-
-
 class Task(NamedTuple):
-  part: str  # a key of bench_gpu_measure.PARTS
+  part: str  # a key of FRAMEWORK
   args: dict  # the cell; for e2e its batch is None until the task starts
   variants: tuple[str, ...]  # the records it should leave
 
@@ -129,6 +106,8 @@ class Task(NamedTuple):
 VARIANTS = {'ours': ('host', 'device'), 'torch': ('eager',), 'torch_compile': ('compile',),
             'e2e': ('e2e',)}
 FRAMEWORK = {'ours': 'ours', 'torch': 'torch', 'torch_compile': 'torch', 'e2e': 'ours'}
+# What a variant's child adds to its cell (experiments/bench_measure.py's step builders).
+VARIANT_ARGS = {'host': {'feed': 'host'}, 'device': {'feed': 'device'}, 'eager': {}}
 
 
 def plan(s: dict) -> list[Task]:
@@ -156,59 +135,28 @@ def e2e_batch(s: dict, records: list[dict]) -> int:
   return max(ours, key=lambda r: r['images_per_s'])['batch'] if ours else s['batches'][0]
 
 
-# ---------------------------------------------------------------------------- children
-
-
-def run_child(task: Task, timing: dict, timeout_s: float, log_path: str) -> list[dict]:
-  """Runs `task` in a fresh process; its records, and an error record per missing variant."""
-  with tempfile.TemporaryDirectory(prefix='bench_gpu_') as tmp:
-    results = os.path.join(tmp, 'results.jsonl')
-    spec = os.path.join(tmp, 'spec.json')
-    with open(spec, 'w') as f:
-      json.dump({'part': task.part, 'args': task.args, 'timing': timing, 'results': results}, f)
-    rc = _wait(spec, timeout_s, log_path)
-    records = []
-    if os.path.exists(results):
-      with open(results) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-  why = (f'killed at the deadline ({timeout_s:.0f} s left)' if rc is None else
-         f'the process exited with status {rc}: {_tail(log_path)}')
-  done = {r['variant'] for r in records}
-  return records + [{**task.args, 'framework': FRAMEWORK[task.part], 'variant': v, 'error': why}
-                    for v in task.variants if v not in done]
-
-
-def _wait(spec: str, timeout_s: float, log_path: str) -> int | None:
-  """The child's exit status; None if it ran out of time (it and its children are killed)."""
-  with open(log_path, 'w') as log:
-    # Its own session: torch.compile's compile workers die with it.
-    proc = subprocess.Popen([sys.executable, '-m', 'experiments.bench_gpu_measure', spec],
-                            cwd=ROOT, env={**os.environ, **CHILD_ENV}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-      return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-      return None
-
-
-def _tail(path: str, lines: int = 3) -> str:
-  with open(path, errors='replace') as f:
-    return ' | '.join(line.strip() for line in f.readlines()[-lines:])[-1500:]
-
-
-# ---------------------------------------------------------------------------- MFU
+def run_child(task: Task, s: dict, timeout_s: float, logs) -> list[dict]:
+  """Runs `task` in fresh processes (one per variant, their rounds interleaved); a record per
+  variant: its figure, or what stopped it."""
+  cell = {**task.args, 'framework': FRAMEWORK[task.part]}
+  if task.part == 'e2e':
+    records = bench_harness.run_once('ours_e2e', {**cell, 'epochs': 2}, logs(task.name),
+                                     env=CHILD_ENV, timeout=timeout_s)
+    return [{**cell, 'variant': 'e2e', **r} for r in records[-1:]]
+  variant_args = {**VARIANT_ARGS, 'compile': {'compile': s['torch_compile_backend']}}
+  workers = {v: bench_harness.StepWorker({**cell, **variant_args[v]},
+                                         lambda v=v: logs(f'{task.name} {v}'), CHILD_ENV)
+             for v in task.variants}
+  timing = {k: s[k] for k in ('rounds', 'steps_per_round', 'warmup_steps', 'min_round_s')}
+  results = bench_harness.time_steps(workers, timing, deadline=time.monotonic() + timeout_s)
+  return [{**cell, 'variant': v, **r} for v, r in results.items()]
 
 
 def peak_tflops(device_kind: str, precision: str) -> float | None:
   """The dense peak of `device_kind` at 'bf16', 'tf32' or 'fp32'; None for other devices."""
-  if 'PCIe' in device_kind or 'NVL' in device_kind:
-    return None
-  for name, peaks in PEAK_TFLOPS.items():
-    if name in device_kind:
-      return peaks[precision]
-  return None
+  slower = 'PCIe' in device_kind or 'NVL' in device_kind
+  names = [n for n in PEAK_TFLOPS if n in device_kind and not slower]
+  return PEAK_TFLOPS[names[0]][precision] if names else None
 
 
 def add_mfu(record: dict, flops_by_size: dict[int, float]) -> dict:
@@ -225,32 +173,24 @@ def add_mfu(record: dict, flops_by_size: dict[int, float]) -> dict:
           'peak_tflops': peak, 'mfu': mfu}
 
 
-# ---------------------------------------------------------------------------- the run
-
-
 def run(s: dict, out: str) -> list[dict]:
   """Every task of plan(s) that the deadline allows; each record written to `out` at once."""
   t0, records, flops = time.monotonic(), [], {}
-  logs = pathlib.Path(out + '.logs')
-  logs.mkdir(parents=True, exist_ok=True)
-  timing = {k: s[k] for k in ('rounds', 'steps_per_round', 'warmup_steps', 'min_round_s')}
+  logs = bench_harness.log_paths(out + '.logs')
   with open(out, 'w') as f:
     write = lambda r: (f.write(json.dumps(r) + '\n'), f.flush())
     write({'kind': 'run', 'settings': s, 'dry_run': FLAGS.dry_run, 'argv': sys.argv,
-           'host': platform.node(), 'python': platform.python_version(),
-           'started': time.strftime('%Y-%m-%d %H:%M:%S')})
-    for i, task in enumerate(plan(s)):
+           'machine': bench_harness.machine(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+    for task in plan(s):
       if task.part == 'e2e':
         task.args['batch'] = e2e_batch(s, records)
       left = s['deadline_s'] - (time.monotonic() - t0)
       print(f'[{time.monotonic() - t0:5.0f} s] {task.name}', flush=True)
       if left < s['min_task_s']:
-        new = [{**task.args, 'framework': FRAMEWORK[task.part],
-                'variant': v, 'skipped': True, 'error': f'skipped: {left:.0f} s left'}
-               for v in task.variants]
+        new = [{**task.args, 'framework': FRAMEWORK[task.part], 'variant': v,
+                'skipped': f'{left:.0f} s left before the deadline'} for v in task.variants]
       else:
-        log = logs / f'{i:02d}_{task.name.replace(" ", "_")}.log'
-        new = run_child(task, timing, left, str(log))
+        new = run_child(task, s, left, logs)
       for r in new:
         r = {'kind': 'measurement', **add_mfu(r, flops),
              'elapsed_s': time.monotonic() - t0}
@@ -263,23 +203,19 @@ def run(s: dict, out: str) -> list[dict]:
 
 def _brief(r: dict) -> str:
   head = f'{r["framework"]} {r["variant"]}:'
-  if r.get('error'):
-    return f'{head} {r["error"][:300]}'
+  if bench_harness.problem(r):
+    return f'{head} {bench_harness.problem(r)}'
   if r['variant'] == 'e2e':
     return f'{head} epoch 2 {r["epoch_time_s"]:.2f} s ({r["images_per_s"]:.0f} img/s)'
   return f'{head} {r["images_per_s"]:.0f} img/s, compile {r["compile_s"]:.1f} s'
 
 
-# ---------------------------------------------------------------------------- the table
-
 COLUMNS = (('ours', 'host'), ('ours', 'device'), ('torch', 'eager'), ('torch', 'compile'))
 
 
 def _cell(r: dict | None) -> str:
-  if r is None:
-    return '-'
-  if r.get('error'):
-    return 'skipped' if r.get('skipped') else 'error'
+  if r is None or bench_harness.problem(r):
+    return bench_harness.problem(r).split(':')[0] if r else '-'
   return f'{r["images_per_s"]:.0f}'
 
 
@@ -299,11 +235,6 @@ def _row(key: tuple, by: dict) -> list[str]:
   return [str(key[0]), str(key[1]), key[2], *map(_cell, rs), ratio, _pct(ours), _pct(torch)]
 
 
-def _aligned(rows: list[list[str]]) -> str:
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
-
-
 def format_table(records: list[dict]) -> str:
   """Images/s per cell and variant, ours/best-torch, MFU; the e2e epoch; every error."""
   steps = [r for r in records if r.get('kind') == 'measurement' and r['variant'] != 'e2e']
@@ -312,18 +243,17 @@ def format_table(records: list[dict]) -> str:
   header = ['size', 'batch', 'dtype', 'ours host', 'ours device', 'torch eager',
             'torch compile', 'ours/torch', 'MFU ours', 'MFU torch']
   lines = ['train step, images/s (ours/torch: the faster of each)',
-           _aligned([header] + [_row(k, by) for k in keys]) if keys else '(none)']
+           bench_harness.aligned([header] + [_row(k, by) for k in keys]) if keys else '(none)']
   for r in records:
     if r.get('variant') == 'e2e':
       lines.append(f'e2e: {r.get("images")} images {r["size"]}px batch {r["batch"]} '
                    f'{r["dtype"]} augmented: ' + (
-                       r['error'] if r.get('error') else
+                       bench_harness.problem(r) or
                        f'epoch 2 {r["epoch_time_s"]:.2f} s ({r["images_per_s"]:.0f} img/s), '
                        f'epoch 1 {r["first_epoch_time_s"]:.2f} s, data on device: '
                        f'{r["data_on_device"]}'))
-  lines += [f'error: {r["framework"]} {r["variant"]} {r["size"]}px batch {r["batch"]} '
-            f'{r["dtype"]}: {r["error"][:300]}' for r in steps if r.get('error')
-            and not r.get('skipped')]
+  lines += [f'{r["framework"]} {r["variant"]} {r["size"]}px batch {r["batch"]} {r["dtype"]}: '
+            f'{bench_harness.problem(r)[:300]}' for r in steps if 'error' in r]
   return '\n'.join(lines)
 
 

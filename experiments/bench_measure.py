@@ -1,76 +1,106 @@
-"""What the benchmark measures: one framework's train step, input pipeline or training run.
+"""What the benchmarks measure, each run in a child process of experiments/bench_harness.py.
 
-Each function runs in a process of its own (experiments.bench_harness starts it) and returns
-plain numbers; nothing here parses flags, starts processes or prints tables.
+Every framework trains the same network: 5 x [conv 64 k3 VALID, BN, ReLU, 2x2 max-pool], dense
+128, BN, ReLU, dropout 0.2, dense 10; Adam 1e-3. Ours is configs/optimal.py (`ours_config`, the
+one place the benchmarks build it), without augmentation in the train-step measurements.
+
+A measure is `fn(args, pipe)`: it sends its records with `pipe.emit` and (the train-step worker,
+the same for the CPU and GPU benchmarks) takes requests with `pipe.request()`. Only the standard
+library and numpy are imported at the top: a PyTorch child never loads JAX, and a child of
+another checkout imports that checkout's `cnn` and `configs`.
 """
 
+import itertools
 import os
 import pathlib
 import statistics
+import tempfile
 import time
-from typing import Callable, NamedTuple
+
+import numpy as np
 
 FILTERS, KERNEL, DENSE, CLASSES, DROPOUT, LR = 64, 3, 128, 10, 0.2, 1e-3
+POOL_BATCHES = 4  # a train step's images: this many batches, drawn in a new order each pass
+# Ours as the CPU train-step part's --frameworks name it: config fields beside size and batch.
+OURS = {'ours': {}, 'ours_bf16': {'dtype': 'bfloat16'}, 'flax_nn_conv': {'conv_impl': 'xla'}}
 
 
-def _quiet_tf():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-
-# ---------------------------------------------------------------------------- step builders
-# Each returns (step, first_call_s): step() runs one training step on a fixed batch and
-# returns once its results are computed.
-
-
-def _batch(size: int, batch_size: int, seed: int = 0):
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def random_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-          rng.integers(0, CLASSES, batch_size).astype(np.int32))
+  return (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          rng.integers(0, CLASSES, n).astype(np.int32))
 
 
-def _ours_config(size: int, batch_size: int, conv_impl: str = 'auto', dtype: str = 'float32',
-                 data_aug: bool = False):
-  # Flags are parsed in the main process only: workers get conv_impl as an argument.
+def ours_config(**fields):
+  """configs/optimal.py without augmentation, with `fields` changed."""
   from configs import optimal  # pylint: disable=g-import-not-at-top
-  c = optimal.get_config()
-  c.image_size, c.batch_size = size, batch_size
-  c.conv_impl, c.dtype = conv_impl, dtype
-  c.data_aug = data_aug  # off in the train-step part, like the Keras and PyTorch steps there
-  return c
+  config = optimal.get_config()
+  config.update({'data_aug': False, **fields})
+  return config
 
 
-def build_ours(size: int, batch_size: int, conv_impl: str = 'auto',
-               dtype: str = 'float32') -> tuple[Callable[[], None], float]:
+def old_train_step(config, steps_per_epoch: int) -> tuple:
+  """(state, step, hyperparameters) of a checkout whose core is cnn/train.py (--compare_with)."""
   import jax  # pylint: disable=g-import-not-at-top
   from cnn import train  # pylint: disable=g-import-not-at-top
-  images, labels = _batch(size, batch_size)
-  batch = {'image': jax.device_put(images), 'label': jax.device_put(labels)}
-  config = _ours_config(size, batch_size, conv_impl, dtype)
-  state = [train.create_train_state(config, CLASSES, jax.random.PRNGKey(0))]
-  train_step = train.steps_for(train.program_for(config, CLASSES)).train
-  hp = train.hyperparams(config, steps_per_epoch=1)
+  return (train.create_train_state(config, CLASSES, jax.random.PRNGKey(0)),
+          train.steps_for(train.program_for(config, CLASSES)).train,
+          train.hyperparams(config, steps_per_epoch))
+
+
+def train_step_of(config, steps_per_epoch: int) -> tuple:
+  """(state, step, hyperparameters) of our train step for `config`; step(state, batch, hp)."""
+  import cnn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  # By its file: an editable install's import finder would find cnn.trainer in its own checkout.
+  if not pathlib.Path(cnn.__file__).with_name('trainer.py').exists():
+    return old_train_step(config, steps_per_epoch)
+  from cnn import trainer  # pylint: disable=g-import-not-at-top
+  return (trainer.create_train_state(config, CLASSES, jax.random.PRNGKey(0)), trainer.train_step,
+          trainer.hyperparams(config, steps_per_epoch))
+
+
+def jax_info(config) -> dict:
+  """The code timed, the device, JAX's float32 matmul/conv precision, the forward FLOPs."""
+  import cnn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn import count  # pylint: disable=g-import-not-at-top
+  from cnn import models  # pylint: disable=g-import-not-at-top
+  precision = getattr(jax.config, 'jax_default_matmul_precision', None)
+  model = models.create_model(config, CLASSES)
+  return {
+      'cnn': str(pathlib.Path(cnn.__file__).parent), 'device_kind': jax.devices()[0].device_kind,
+      'backend': jax.default_backend(),
+      'jax': jax.__version__, 'jax_default_matmul_precision': precision,
+      # None is XLA's default, which runs float32 convolutions and dots in TF32 on Ampere and
+      # later GPUs; only 'highest'/'float32' asks for full float32.
+      'f32_uses_tf32': jax.default_backend() == 'gpu' and precision in (
+          None, 'default', 'fastest', 'bfloat16', 'tensorfloat32'),
+      # Textbook FLOPs (2 x MACs, cnn.count, what `main.py --mode=count` prints).
+      'forward_flops_per_image': count.totals(count.layer_costs(model, config.image_size))['flops'],
+  }
+
+
+def _ours_step(args: dict) -> tuple:
+  """Fed as training feeds it: sliced on the host (feed 'host') or gathered on the device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn import feeding  # pylint: disable=g-import-not-at-top
+  from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
+  fields = {'conv_impl': args.get('conv_impl', 'auto'), 'dtype': args.get('dtype', 'float32'),
+            **OURS[args['framework']]}
+  config = ours_config(image_size=args['size'], batch_size=args['batch'], **fields)
+  state, train_step, hp = train_step_of(config, POOL_BATCHES)
+  images, labels = random_images(args['batch'] * POOL_BATCHES, args['size'])
+  mesh = feeding.make_mesh()
+  feed = (feeding.DeviceFeed if args.get('feed') == 'device' else feeding.HostFeed)(
+      images, labels, mesh)
+  order = (i for epoch in itertools.count()
+           for i in input_pipeline.batch_indices(len(labels), args['batch'], 0, epoch))
+  holder = [feeding.replicate(state, mesh)]
 
   def step():
-    state[0], metrics = train_step(state[0], batch, hp)
-    jax.block_until_ready(metrics)
-
-  t = time.perf_counter()
-  step()
-  return step, time.perf_counter() - t
-
-
-def build_ours_bf16(size: int, batch_size: int,
-                    conv_impl: str = 'auto') -> tuple[Callable[[], None], float]:
-  """Ours with config.dtype='bfloat16': bfloat16 compute, float32 parameters."""
-  return build_ours(size, batch_size, conv_impl, 'bfloat16')
-
-
-def build_flax_nn_conv(size: int, batch_size: int,
-                       conv_impl: str = '') -> tuple[Callable[[], None], float]:
-  """Ours with Flax's own nn.Conv (conv_impl 'xla'): what cnn.layers.Conv gains."""
-  del conv_impl
-  return build_ours(size, batch_size, 'xla')
+    holder[0], _ = train_step(holder[0], feed(next(order)), hp)  # the state is donated
+  return step, lambda: jax.block_until_ready(holder[0]), jax_info(config)
 
 
 def keras_model(size: int):
@@ -90,22 +120,18 @@ def keras_model(size: int):
   return model
 
 
-def build_keras(size: int, batch_size: int,
-                conv_impl: str = '') -> tuple[Callable[[], None], float]:
-  del conv_impl
-  _quiet_tf()
+def _keras_step(args: dict) -> tuple:
+  """As the reference trained: train_on_batch on in-memory tensors, jit_compile=False."""
+  import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  images, labels = _batch(size, batch_size)
-  x = tf.constant(images.astype('float32') / 255.0)
-  y = tf.constant(labels)
-  model = keras_model(size)
+  images, labels = random_images(args['batch'] * POOL_BATCHES, args['size'])
+  x, y = tf.constant(images.astype('float32') / 255.0), tf.constant(labels)
+  model, order = keras_model(args['size']), itertools.cycle(range(POOL_BATCHES))
 
-  def step():
-    model.train_on_batch(x, y)  # returns numpy scalars: the step has finished
-
-  t = time.perf_counter()
-  step()
-  return step, time.perf_counter() - t
+  def step():  # train_on_batch returns numpy scalars: the step has finished
+    i = next(order) * args['batch']
+    model.train_on_batch(x[i:i + args['batch']], y[i:i + args['batch']])
+  return step, lambda: None, {'keras': keras.__version__}
 
 
 def torch_model(size: int):
@@ -123,34 +149,76 @@ def torch_model(size: int):
   return nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
 
-def build_torch(size: int, batch_size: int,
-                conv_impl: str = '') -> tuple[Callable[[], None], float]:
-  del conv_impl
+def torch_info(torch, device: str) -> dict:
+  cuda = device == 'cuda'
+  return {
+      'torch': torch.__version__,
+      'device_kind': torch.cuda.get_device_name(0) if cuda else 'cpu',
+      'cuda_matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+      'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
+      'float32_matmul_precision': torch.get_float32_matmul_precision(),
+      'cudnn_benchmark': torch.backends.cudnn.benchmark,
+      # The convolutions are almost all the FLOPs: cuDNN's setting decides float32's peak.
+      'f32_uses_tf32': cuda and torch.backends.cudnn.allow_tf32,
+      'adam': 'fused' if cuda else 'foreach', 'memory_format': 'channels_last',
+  }
+
+
+def _torch_step(args: dict) -> tuple:
+  """Channels-last, eager or torch.compile(backend=args['compile']), float32 or bfloat16
+  autocast; each batch gathered from a uint8 set on the device, its indices drawn there: a copy
+  from pageable host memory would wait for the previous step, and the host could no longer run
+  ahead of a GPU."""
   import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  images, labels = _batch(size, batch_size)
-  x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).contiguous(
-      memory_format=torch.channels_last)
-  y = torch.from_numpy(labels).long()
-  model = torch_model(size).train()
-  opt = torch.optim.Adam(model.parameters(), lr=LR)
+  net = torch_model(args['size']).to(device).train()
+  opt = torch.optim.Adam(net.parameters(), lr=LR, fused=device == 'cuda')
+  net = torch.compile(net, backend=args['compile']) if args.get('compile') else net
+  images, labels = random_images(args['batch'] * POOL_BATCHES, args['size'])
+  x_all = torch.from_numpy(images).to(device)  # NHWC: a batch's permute is channels-last
+  y_all = torch.from_numpy(labels).long().to(device)
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def step():
+    i = torch.randperm(len(labels), device=device)[:args['batch']].sort().values
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.get('dtype') == 'bfloat16'):
+      loss = loss_fn(net(x_all[i].permute(0, 3, 1, 2).float().div_(255.0)), y_all[i])
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
-    loss.item()
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
+  return step, sync, {**torch_info(torch, device), 'compile_backend': args.get('compile')}
 
+
+# Each builds (step, sync, info): step() dispatches one training step on a batch drawn from
+# POOL_BATCHES batches of random images, sync() waits for the steps dispatched, info describes
+# the framework and device.
+STEPS = {**dict.fromkeys(OURS, _ours_step), 'keras': _keras_step, 'torch': _torch_step}
+
+
+def step_worker(args: dict, pipe) -> None:
+  """Builds one framework's train step (STEPS) and reports its first call, with compilation,
+  and the mean of args['warmup_steps'] more; then, per request of n, times n steps dispatched in
+  a row and awaited once (wall and CPU seconds a step), until the parent has no more."""
+  step, sync, info = STEPS[args['framework']](args)
   t = time.perf_counter()
   step()
-  return step, time.perf_counter() - t
-
-
-BUILDERS = {'ours': build_ours, 'ours_bf16': build_ours_bf16, 'keras': build_keras,
-            'torch': build_torch, 'flax_nn_conv': build_flax_nn_conv}
+  sync()
+  first_s, t = time.perf_counter() - t, time.perf_counter()
+  warmup = max(1, args.get('warmup_steps', 1))  # lazy set-up after the first step is not timed
+  for _ in range(warmup):
+    step()
+  sync()
+  pipe.emit({**info, 'first_step_s': first_s, 'warm_step_s': (time.perf_counter() - t) / warmup})
+  while (n := pipe.request()) is not None:
+    c, t = time.process_time(), time.perf_counter()
+    for _ in range(n):
+      step()
+    sync()
+    pipe.emit({'wall_s': (time.perf_counter() - t) / n, 'cpu_s': (time.process_time() - c) / n})
 
 
 def fullres_folder(src: str, dst: str) -> str:
@@ -165,130 +233,126 @@ def fullres_folder(src: str, dst: str) -> str:
   return str(root)
 
 
-def ours_pipeline(data_dir: str, size: int, batch_size: int, cache_dir: str,
-                  repeats: int = 3) -> dict:
-  """load_dataset cold (decode + cache, median of `repeats` fresh caches) and warm, then
-  epochs of batches placed on the devices."""
+def ours_pipeline(args: dict, pipe, repeats: int = 3) -> None:
+  """load_dataset cold (decode + cache, median of `repeats` fresh caches) and warm, then three
+  epochs of batches placed on the devices, as training feeds them."""
   import jax  # pylint: disable=g-import-not-at-top
+  from cnn import feeding  # pylint: disable=g-import-not-at-top
   from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
-  from cnn import train  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-  config = _ours_config(size, batch_size)
-  config.data_dir, colds = data_dir, []
-  for i in range(repeats):
-    config.cache_dir = os.path.join(cache_dir, str(i))
-    t = time.perf_counter()
-    data = input_pipeline.load_dataset(config)
-    colds.append(time.perf_counter() - t)
-  cold = statistics.median(colds)
-  t = time.perf_counter()
-  data = input_pipeline.load_dataset(config)
-  warm = time.perf_counter() - t
+  config = ours_config(image_size=args['size'], data_dir=args['data_dir'])
+
+  def load(cache_dir: str):
+    config.cache_dir, t = cache_dir, time.perf_counter()
+    return input_pipeline.load_dataset(config), time.perf_counter() - t
+
+  cold = statistics.median(load(os.path.join(args['cache_dir'], str(i)))[1]
+                           for i in range(repeats))
+  data, warm = load(config.cache_dir)  # the cache is built now
   n_all = len(data.train_labels) + len(data.holdout_labels) + len(data.test_labels)
-  mesh, n = train.make_mesh(), 0
-  t = time.perf_counter()
+  feed = feeding.HostFeed(data.train_images, data.train_labels, feeding.make_mesh())
+  n, t = 0, time.perf_counter()
   for epoch in range(3):
-    for batch in input_pipeline.train_batches(data.train_images, data.train_labels, batch_size,
-                                              0, epoch):
-      jax.block_until_ready(train.shard_batch(batch, mesh))
-      n += len(batch['label'])
-  batches = time.perf_counter() - t
-  return {'images': n_all, 'cold_load_s': cold, 'warm_load_s': warm,
-          'cold_images_per_s': n_all / cold, 'cached_images_per_s': n / batches}
+    for idx in input_pipeline.batch_indices(len(data.train_labels), args['batch'], 0, epoch):
+      jax.block_until_ready(feed(idx))
+      n += len(idx)
+  batches_s = time.perf_counter() - t
+  pipe.emit({'images': n_all, 'cold_load_s': cold, 'warm_load_s': warm,
+             'cold_images_per_s': n_all / cold, 'cached_images_per_s': n / batches_s})
 
 
-def keras_pipeline(data_dir: str, size: int, batch_size: int, epochs: int = 7) -> dict:
+def keras_pipeline(args: dict, pipe, epochs: int = 7) -> None:
   """The reference loader, decoding every file every epoch: the median of epochs 2 on.
 
-  Its epochs are bimodal on 2 cores (about 235 or 330-415 img/s, in no fixed order), hence six
-  of them and the fastest one reported beside the median.
+  Its epochs are bimodal on 2 cores, hence six of them and the fastest beside the median.
   """
-  _quiet_tf()
   import keras  # pylint: disable=g-import-not-at-top
   ds = keras.utils.image_dataset_from_directory(
-      os.path.join(data_dir, 'train'), image_size=(size, size), batch_size=batch_size,
-      verbose=False, follow_links=True)
+      os.path.join(args['data_dir'], 'train'), image_size=(args['size'], args['size']),
+      batch_size=args['batch'], verbose=False, follow_links=True)
   per_epoch = []
   for _ in range(epochs):
     n, t = 0, time.perf_counter()
     for x, _ in ds:
       n += int(x.shape[0])
     per_epoch.append(n / (time.perf_counter() - t))
-  return {'images': n, 'images_per_s': statistics.median(per_epoch[1:]),
-          'fastest_images_per_s': max(per_epoch), 'epoch_images_per_s': per_epoch}
+  pipe.emit({'images': n, 'images_per_s': statistics.median(per_epoch[1:]),
+             'fastest_images_per_s': max(per_epoch), 'epoch_images_per_s': per_epoch})
 
 
-class E2ERun(NamedTuple):
-  """The run both end-to-end measurements make, in keras_e2e's argument order."""
-  data_dir: str
-  size: int
-  batch_size: int
-  epochs: int
+def _random_dataset(n_train: int, n_holdout: int, size: int):
+  """An input_pipeline.Dataset of random images in memory (no files, no cache)."""
+  from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
+  train, holdout = random_images(n_train, size, seed=1), random_images(n_holdout, size, seed=2)
+  return input_pipeline.Dataset(
+      *train, *holdout, test_images=np.zeros((0, size, size, 3), np.uint8),
+      test_labels=np.zeros(0, np.int32), test_paths=[],
+      class_names=[f'class{i}' for i in range(CLASSES)], skipped=[])
 
 
-def ours_e2e(run: E2ERun, workdir: str, cache_dir: str, conv_impl: str) -> dict:
-  """cnn.train.train_and_evaluate with the optimal config, from an empty image cache."""
-  from cnn import train  # pylint: disable=g-import-not-at-top
-  data_dir, size, batch_size, epochs = run
-  config = _ours_config(size, batch_size, conv_impl, data_aug=True)
-  config.data_dir, config.cache_dir, config.num_epochs = data_dir, cache_dir, epochs
-  config.wandb_mode, config.early_stopping_patience, config.download = 'disabled', 0, False
+def _later_epochs(ends: list[tuple[float, dict]]) -> dict:
+  """The epochs after the first (which compiles), each to the end of its validation."""
+  later = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+  return {'later_epochs_s': later, 'median_later_epoch_s': statistics.median(later or [0.0])}
+
+
+def ours_e2e(args: dict, pipe) -> None:
+  """args['epochs'] epochs of cnn.runs.train_and_evaluate with augmentation, from an image
+  folder (args['data_dir'], decoded into an empty cache) or from args['images'] random images
+  in memory; each epoch's time is to the end of its validation, as Keras' on_epoch_end."""
+  from cnn import runs  # pylint: disable=g-import-not-at-top
+  config = ours_config(
+      image_size=args['size'], batch_size=args['batch'], dtype=args.get('dtype', 'float32'),
+      conv_impl=args.get('conv_impl', 'auto'), data_aug=True, num_epochs=args['epochs'],
+      early_stopping_patience=0, wandb_mode='disabled', download=False,
+      compilation_cache_dir='off', data_dir=args.get('data_dir', ''),
+      cache_dir=args.get('cache_dir', ''))
+  data = None
+  if 'images' in args:
+    data = _random_dataset(args['images'], args['holdout'], args['size'])
+    config.eval_batch_size = min(config.eval_batch_size, args['holdout'])  # no padded batches
   ends = []
-
-  def on_epoch_end(epoch, metrics):  # after validation, as Keras' on_epoch_end
-    ends.append((time.perf_counter(), metrics))
-    return False
-
-  t0 = time.perf_counter()
-  train.train_and_evaluate(config, workdir, epoch_callback=on_epoch_end)
-  return {'wall_s': time.perf_counter() - t0, 'epochs': epochs,
-          'later_epochs_s': [b[0] - a[0] for a, b in zip(ends, ends[1:])],
-          'last_epoch_s': ends[-1][0] - ends[-2][0] if len(ends) > 1 else None,
-          'final_val_acc': ends[-1][1]['val_acc']}
-
-
-def keras_augmentation():
-  """Keras 3's layers for the reference's ImageDataGenerator settings (cnn/augment.py's)."""
-  import keras  # pylint: disable=g-import-not-at-top
-  from cnn import augment  # pylint: disable=g-import-not-at-top
-  shift, zoom = augment.SHIFT_FRACTION, augment.ZOOM_RANGE[1] - 1
-  return keras.Sequential([
-      keras.layers.RandomFlip('horizontal'),
-      keras.layers.RandomRotation(augment.ROTATION_DEGREES / 360, fill_mode='nearest'),
-      keras.layers.RandomTranslation(shift, shift, fill_mode='nearest'),
-      keras.layers.RandomZoom(zoom, zoom, fill_mode='nearest'),
-      keras.layers.RandomBrightness(augment.BRIGHTNESS_RANGE[1] - 1, value_range=(0, 1)),
-  ])
+  on_epoch_end = lambda epoch, metrics: ends.append((time.perf_counter(), metrics)) or False
+  with tempfile.TemporaryDirectory(prefix='bench_e2e_') as workdir:
+    t0 = time.perf_counter()
+    summary = runs.train_and_evaluate(config, workdir, epoch_callback=on_epoch_end, data=data)
+    wall_s = time.perf_counter() - t0
+  last = ends[-1][1]
+  pipe.emit({'wall_s': wall_s, 'epochs': len(ends), 'final_val_acc': last['val_acc'],
+             **_later_epochs(ends), 'epoch_time_s': last['epoch_time_s'],
+             'images_per_s': last['images_per_second'],
+             'first_epoch_time_s': ends[0][1]['epoch_time_s'], 'eval_time_s': last['eval_time_s'],
+             'time_to_first_step_s': summary.get('time_to_first_step_s'),
+             'data_on_device': summary.get('data_on_device'), **jax_info(config)})
 
 
-def keras_e2e(data_dir: str, size: int, batch_size: int, epochs: int) -> dict:
+def keras_e2e(args: dict, pipe) -> None:
   """The reference recipe: image_dataset_from_directory (10% validation split), augment, fit."""
-  _quiet_tf()
   import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn import augment  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  kwargs = dict(image_size=(size, size), batch_size=batch_size, validation_split=0.1, seed=0,
-                verbose=False)
-  train_dir = os.path.join(data_dir, 'train')
+  kwargs = dict(image_size=(args['size'], args['size']), batch_size=args['batch'],
+                validation_split=0.1, seed=0, verbose=False)
+  train_dir = os.path.join(args['data_dir'], 'train')
   train_ds = keras.utils.image_dataset_from_directory(train_dir, subset='training', **kwargs)
   val_ds = keras.utils.image_dataset_from_directory(train_dir, subset='validation', **kwargs)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  aug = keras_augmentation()
+  r = augment.REFERENCE  # the reference's ImageDataGenerator ranges, as Keras 3 layers
+  aug = keras.Sequential([
+      keras.layers.RandomFlip('horizontal'),
+      keras.layers.RandomRotation(r['rotation'] / 360, fill_mode='nearest'),
+      keras.layers.RandomTranslation(r['shift'], r['shift'], fill_mode='nearest'),
+      keras.layers.RandomZoom(r['zoom'], r['zoom'], fill_mode='nearest'),
+      keras.layers.RandomBrightness(r['brightness'], value_range=(0, 1))])
   train_ds = train_ds.map(lambda x, y: (aug(x / 255.0, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
-  val_ds = val_ds.map(lambda x, y: (x / 255.0, y))
   ends = []
+  timer = keras.callbacks.LambdaCallback(
+      on_epoch_end=lambda epoch, logs: ends.append((time.perf_counter(), logs)))
+  keras_model(args['size']).fit(train_ds, validation_data=val_ds.map(lambda x, y: (x / 255.0, y)),
+                                epochs=args['epochs'], verbose=0, callbacks=[timer])
+  pipe.emit({'wall_s': time.perf_counter() - t0, 'epochs': len(ends), **_later_epochs(ends),
+             'final_val_acc': float(ends[-1][1].get('val_accuracy', float('nan')))})
 
-  class Timer(keras.callbacks.Callback):
 
-    def on_epoch_end(self, epoch, logs=None):
-      ends.append((time.perf_counter(), logs))
-
-  model = keras_model(size)
-  t = time.perf_counter()
-  model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, callbacks=[Timer()])
-  starts = [t] + [e[0] for e in ends[:-1]]
-  return {'wall_s': time.perf_counter() - t0, 'epochs': epochs,
-          'later_epochs_s': [e[0] - s for e, s in zip(ends[1:], starts[1:])],
-          'last_epoch_s': ends[-1][0] - starts[-1],
-          'final_val_acc': float(ends[-1][1].get('val_accuracy', float('nan')))}
+MEASURES = {f.__name__: f for f in (step_worker, ours_pipeline, keras_pipeline, ours_e2e,
+                                    keras_e2e)}

@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 from scipy import ndimage
 
-from configs import default
+from cnn import config as config_lib
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 TINY_CLASSES = ('red', 'green', 'blue')
@@ -77,7 +77,7 @@ def tiny_cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def make_tiny_config(data_dir, cache_dir):
-  c = default.get_config()
+  c = config_lib.default_config()
   c.data_dir = str(data_dir)
   c.cache_dir = str(cache_dir)
   c.download = False
@@ -108,13 +108,13 @@ def trained_workdir(tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> str:
   filters keep evaluation's filter grids small; conv2 has more than the 10 neurons guided
   backprop explains by default.
   """
-  from cnn import train  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   c = make_tiny_config(tiny_data_dir, tiny_cache_dir)
   c.batch_norm = True
   c.filter_org = 3.0
   c.guided_bp_layer = 'conv2'
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  train.train_and_evaluate(c, workdir)
+  runs.train_and_evaluate(c, workdir)
   return workdir
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from cnn import errors
 from cnn import input_pipeline
-from cnn import train
+from cnn import runs
 from cnn.input_pipeline import DatasetError
 from tests.conftest import write_image_folder
 
@@ -160,7 +160,7 @@ def test_corrupt_images_are_skipped_named_and_listed_in_the_summary(config, data
   unreadable = sorted(map(str, (truncated, garbage, empty)))
 
   config.num_epochs = 1
-  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  summary = runs.train_and_evaluate(config, str(tmp_path / 'run'))
   out = capsys.readouterr()
   on_disk = json.loads((tmp_path / 'run' / 'summary.json').read_text())
   assert on_disk['skipped_images'] == summary['skipped_images'] == unreadable

@@ -41,7 +41,7 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax, ml_collections
 import numpy as np
-from cnn import checkpoints, train
+from cnn import checkpoints, runs
 assert jax.device_count() == 2, jax.devices()
 config = ml_collections.ConfigDict(json.loads({config!r}))
 out = {{}}
@@ -49,7 +49,7 @@ for name, mode, epochs in (('host', 'off', [2]), ('device', 'on', [2]), ('resume
   config.device_data = mode
   for n in epochs:
     config.num_epochs = n
-    summary = train.train_and_evaluate(config, {workdir!r} + '/' + name)
+    summary = runs.train_and_evaluate(config, {workdir!r} + '/' + name)
   leaves = jax.tree_util.tree_leaves(checkpoints.restore_best({workdir!r} + '/' + name)[0])
   with open({workdir!r} + '/' + name + '/metrics.jsonl') as f:
     losses = [json.loads(line)['train_loss'] for line in f]

@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from cnn import errors
 from cnn import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ def test_without_tensorflow_train_imports_and_a_cache_reads(tiny_config, tmp_pat
   np.savez(tmp_path / 'built.npz', **{f: getattr(built, f) for f in ARRAYS})
   files = _cache_files(tmp_path / 'cache')
   out = _run_without_tensorflow(tmp_path, '''
-import cnn.train  # (a): it imports input_pipeline and download
+import cnn.runs  # (a): training imports input_pipeline and download
 from cnn import input_pipeline
 ds = input_pipeline.load_dataset(config)  # (b)
 built = np.load('built.npz')
@@ -139,11 +141,10 @@ print('read', len(ds.train_labels), 'training images')
 
 
 def test_without_tensorflow_trains_from_arrays_in_memory(tiny_config, tmp_path):
-  # (c) Needs train_and_evaluate(config, workdir, data=dataset), which another change adds.
-  # data_dir stays a real folder, in case training still checks that it exists.
+  # (c) Training from arrays in memory; data_dir stays a real folder, should training check it.
   tiny_config.update(image_size=16, num_epochs=1, cache_dir=str(tmp_path / 'unused_cache'))
   out = _run_without_tensorflow(tmp_path, '''
-import cnn.train
+import cnn.runs
 from cnn import input_pipeline
 rng = np.random.default_rng(0)
 images = lambda n: rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
@@ -152,38 +153,104 @@ data = input_pipeline.Dataset(
     train_images=images(24), train_labels=labels(24), holdout_images=images(6),
     holdout_labels=labels(6), test_images=images(6), test_labels=labels(6),
     test_paths=[f'val/{i}.png' for i in range(6)], class_names=['a', 'b', 'c'], skipped=[])
-summary = cnn.train.train_and_evaluate(config, 'run', data=data)
+summary = cnn.runs.train_and_evaluate(config, 'run', data=data)
 assert 'tensorflow' not in sys.modules
 print('epochs run', summary['epochs_run'])
 ''', tiny_config)
   assert out.splitlines()[-1] == 'epochs run 1'
 
 
-def _write_old_cache(config, monkeypatch) -> None:
-  """A cache as the previous code wrote it: version 2.0.0, tfrecord files (needs TensorFlow)."""
+def _cache_folder(config) -> pathlib.Path:
+  """Where the versions of `config`'s cache live: cache_dir/image_folder_cache/<name>."""
   splits, class_names = input_pipeline.discover(config.data_dir)
-  builder_class = input_pipeline._builder_class()  # pylint: disable=protected-access
-  with monkeypatch.context() as m:  # TFDS writes only a builder's current VERSION
-    m.setattr(builder_class, 'VERSION', builder_class.SUPPORTED_VERSIONS[0])
-    m.setattr(builder_class, 'SUPPORTED_VERSIONS', [])
-    input_pipeline.cache_builder(
-        splits, class_names, config.image_size,
-        input_pipeline.cache_name(config, splits, class_names), pathlib.Path(config.cache_dir),
-        '2.0.0', file_format='tfrecord').download_and_prepare()
+  name = input_pipeline.cache_name(config, splits, class_names)
+  return pathlib.Path(config.cache_dir) / 'image_folder_cache' / name
 
 
-def test_a_tfrecord_cache_of_the_previous_version_is_read_not_rebuilt(tiny_config, tmp_path,
-                                                                      monkeypatch):
-  tiny_config.cache_dir = str(tmp_path / 'new')
+def test_a_cache_of_an_older_version_is_rebuilt_with_one_line(tiny_config, tmp_path, capsys):
+  tiny_config.cache_dir = str(tmp_path / 'fresh')
   fresh = input_pipeline.load_dataset(tiny_config)
-  tiny_config.cache_dir = str(tmp_path / 'old')
-  _write_old_cache(tiny_config, monkeypatch)
-  files = _cache_files(tmp_path / 'old')
-  assert any('.tfrecord' in f for f in files) and not any('array_record' in f for f in files)
+  tiny_config.cache_dir = str(tmp_path / 'cache')
+  folder = _cache_folder(tiny_config)
+  old = folder / '2.0.0'  # an older version's cache (TFRecord files), in outline
+  old.mkdir(parents=True)
+  (old / 'dataset_info.json').write_text('{"name": "image_folder_cache", "version": "2.0.0"}')
+  (old / 'image_folder_cache-train.tfrecord-00000-of-00001').write_bytes(b'old records')
+  capsys.readouterr()
   loaded = input_pipeline.load_dataset(tiny_config)
+  out = capsys.readouterr().out.splitlines()
+  assert [line for line in out if 'older version' in line] == [
+      f'rebuilding the image cache in {folder}: it was written by an older version (2.0.0), '
+      'whose files are replaced']
+  assert not old.exists() and sorted(p.name for p in folder.iterdir()) == ['3.0.0']
   for field in ARRAYS:
     np.testing.assert_array_equal(getattr(loaded, field), getattr(fresh, field), err_msg=field)
-  assert _cache_files(tmp_path / 'old') == files  # nothing rebuilt, nothing added
+  input_pipeline.load_dataset(tiny_config)  # from the new cache: neither rebuilt nor announced
+  assert capsys.readouterr().out == ''
+
+
+def test_a_killed_builds_leftovers_are_removed_not_read(tiny_config, tmp_path):
+  tiny_config.cache_dir = str(tmp_path / 'cache')
+  folder = _cache_folder(tiny_config)
+  leftover = folder / 'incomplete.K1LLED_3.0.0'  # TFDS's temporary folder of the build
+  leftover.mkdir(parents=True)
+  (leftover / 'image_folder_cache-train.array_record-00000-of-00001').write_bytes(b'half')
+  data = input_pipeline.load_dataset(tiny_config)
+  assert len(data.train_images) + len(data.holdout_images) == 60
+  assert sorted(p.name for p in folder.iterdir()) == ['3.0.0']
+
+
+def _mount_tmpfs(disk: pathlib.Path, options: str) -> bool:
+  """Mounts (or with 'remount,...' resizes) a tmpfs at `disk`; False where that is not allowed."""
+  run = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(disk)],
+                       capture_output=True)
+  return run.returncode == 0
+
+
+def fill_then_grow(config, disk: pathlib.Path) -> None:
+  """On a 1 MiB tmpfs at `disk`: the build fails with DiskFullError and leaves no cache; grown to
+  16 MiB, the same call builds the cache. Runs in the test's process or in a mount namespace."""
+  config.cache_dir = str(disk)
+  with pytest.raises(errors.DiskFullError) as e:
+    input_pipeline.load_dataset(config)
+  message = str(e.value)
+  assert message.startswith(f'no space left on the disk of {disk}: '), message
+  assert ' MiB free, about ' in message and ' MiB needed; ' in message, message
+  assert 'no cache was written; the image folder is untouched' in message, message
+  assert errors.is_disk_full(e.value.__cause__)
+  assert list(disk.glob('image_folder_cache/*/*')) == []  # no version folder, no incomplete.*
+  assert _mount_tmpfs(disk, 'remount,size=16m')
+  data = input_pipeline.load_dataset(config)
+  assert data.train_images.shape[1:] == (128, 128, 3) and len(data.test_labels) == 18
+
+
+def test_a_full_disk_stops_the_build_with_one_error_and_no_cache(tiny_config, tmp_path):
+  tiny_config.image_size = 128  # 78 images, 3.7 MiB of arrays: more than the 1 MiB disk holds
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if os.geteuid() == 0 and _mount_tmpfs(disk, 'size=1m'):
+    try:
+      fill_then_grow(tiny_config, disk)
+    finally:
+      subprocess.run(['umount', str(disk)], check=True)
+    return
+  # Not root: a user and mount namespace of its own mounts the tmpfs, gone when it exits.
+  if shutil.which('unshare') is None:
+    pytest.skip('mounting a small tmpfs needs root or unshare (util-linux)')
+  script = ('import json, pathlib, sys\n'
+            'from configs import default\n'
+            'from tests import test_input_pipeline\n'
+            'config = default.get_config()\n'
+            'config.update(json.loads(sys.argv[1]))\n'
+            'test_input_pipeline.fill_then_grow(config, pathlib.Path(sys.argv[2]))\n')
+  mount = 'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; shift; exec "$@"'
+  run = subprocess.run(['unshare', '-rm', 'sh', '-c', mount, 'sh', str(disk), sys.executable,
+                        '-c', script, json.dumps(tiny_config.to_dict()), str(disk)],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                       text=True, timeout=300)
+  if run.returncode == 77 or 'unshare failed' in run.stderr:
+    pytest.skip('mounting a small tmpfs needs root or unprivileged user namespaces (unshare -rm)')
+  assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_building_a_cache_leaves_no_temporary_folder(tiny_config, tmp_path, monkeypatch):

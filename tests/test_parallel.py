@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnn import checkpoints
-from cnn import train
+from cnn import runs
 from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,25 +21,25 @@ _TRAIN = r'''
 import json, sys
 sys.path.insert(0, {root!r})
 import jax, ml_collections
-from cnn import train
+from cnn import runs
 from tests import conftest
 assert jax.device_count() == {devices}, jax.devices()
-for config, workdir in json.loads({runs!r}):
-  train.train_and_evaluate(ml_collections.ConfigDict(config), workdir)
+for config, workdir in json.loads({jobs!r}):
+  runs.train_and_evaluate(ml_collections.ConfigDict(config), workdir)
 '''
 CONV_IMPLS = ('xla', 'cpu_eigen')
 
 
-def _train_on(devices, runs):
-  """Trains each (config, workdir) of `runs` on `devices` forced host devices."""
+def _train_on(devices, jobs):
+  """Trains each (config, workdir) of `jobs` on `devices` forced host devices."""
   if devices == jax.device_count():  # this process already is such a machine
-    for config, workdir in runs:
-      train.train_and_evaluate(config, str(workdir))
+    for config, workdir in jobs:
+      runs.train_and_evaluate(config, str(workdir))
     return
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          'JAX_PLATFORMS': 'cpu'}
   code = _TRAIN.format(root=ROOT, devices=devices,
-                       runs=json.dumps([(c.to_dict(), str(w)) for c, w in runs]))
+                       jobs=json.dumps([(c.to_dict(), str(w)) for c, w in jobs]))
   r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_two_devices_match_one(tiny_data_dir, tiny_cache_dir, two_device_runs, t
 def test_bfloat16_compute_keeps_float32_params_and_learns(tiny_config, tmp_path):
   tiny_config.dtype = 'bfloat16'
   tiny_config.num_epochs = 5
-  summary = train.train_and_evaluate(tiny_config, str(tmp_path))
+  summary = runs.train_and_evaluate(tiny_config, str(tmp_path))
   variables, _ = checkpoints.restore_best(str(tmp_path))
   assert {x.dtype for x in jax.tree_util.tree_leaves(variables['params'])} == {np.dtype('float32')}
   history = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]

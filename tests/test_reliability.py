@@ -18,12 +18,12 @@ import pytest
 
 from tests import conftest
 from cnn import checkpoints
+from cnn import config as config_lib
 from cnn import errors
-from cnn import feeding
 from cnn import input_pipeline
 from cnn import metrics_writer
-from cnn import train
-from configs import default
+from cnn import runs
+from cnn import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +76,7 @@ def _arrays(ds: input_pipeline.Dataset) -> dict[str, np.ndarray]:
 @pytest.fixture(scope='module')
 def reference(tiny_data_dir, tmp_path_factory):
   """The tiny set at 16 px, loaded once into a cache of its own."""
-  c = default.get_config()
+  c = config_lib.default_config()
   c.update(data_dir=str(tiny_data_dir), cache_dir=str(tmp_path_factory.mktemp('ref_cache')),
            image_size=16)
   return _arrays(input_pipeline.load_dataset(c))
@@ -135,8 +135,8 @@ def _all_finite(tree) -> bool:
 
 def _diverge(config, workdir) -> tuple[str, int, int]:
   """Trains until TrainingDiverged; (message, step, epoch) it names."""
-  with pytest.raises(train.TrainingDiverged) as e:
-    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(errors.TrainingDiverged) as e:
+    runs.train_and_evaluate(config, str(workdir))
   message = str(e.value)
   assert '--config.learning_rate' in message and '--config.batch_norm=True' in message, message
   match = re.search(r'NaN/inf .*step (\d+)\D.*epoch (\d+)', message)
@@ -145,9 +145,9 @@ def _diverge(config, workdir) -> tuple[str, int, int]:
   return message, int(match.group(1)), int(match.group(2))
 
 
-def _kept_checkpoints(config, workdir) -> list[tuple[train.TrainState, dict]]:
+def _kept_checkpoints(config, workdir) -> list[tuple[trainer.TrainState, dict]]:
   """(state, meta) of the latest and the best checkpoint left in `workdir`, those there are."""
-  state = train.create_train_state(config, 3, jax.random.PRNGKey(0))
+  state = trainer.create_train_state(config, 3, jax.random.PRNGKey(0))
   kept = []
   latest = checkpoints.restore_latest(str(workdir), state)
   if latest is not None:
@@ -161,10 +161,10 @@ def _kept_checkpoints(config, workdir) -> list[tuple[train.TrainState, dict]]:
 
 def _holdout_loss(config, state) -> float:
   data = input_pipeline.load_dataset(config)
-  steps = train.steps_for(train.program_for(config, 3))
-  loss, _ = train.evaluate_arrays(steps, state.variables, (data.holdout_images,
-                                                           data.holdout_labels),
-                                  config.eval_batch_size, feeding.make_mesh())
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  loss, _ = trainer.evaluate_arrays(state.model, variables, (data.holdout_images,
+                                                             data.holdout_labels),
+                                    config.eval_batch_size)
   return loss
 
 
@@ -201,26 +201,21 @@ def test_a_finite_loss_that_leaves_useless_parameters_is_caught_at_validation(co
 def test_divergence_mid_run_keeps_the_last_good_epoch(config, tmp_path, monkeypatch):
   # The loss turns NaN at step 8, inside epoch 2 (6 steps an epoch): as if the run blew up there.
   config.num_epochs = 3
-  real_steps_for = train.steps_for
+  real_step = trainer.train_step
 
-  def steps_for(program):
-    steps = real_steps_for(program)
+  def blows_up_at_step_8(state, batch, hp, **kw):
+    if int(state.step) == 8:
+      state = state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, state.params))
+    return real_step(state, batch, hp, **kw)
 
-    def blows_up_at_step_8(state, batch, hp):
-      if int(state.step) == 8:
-        state = state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, state.params))
-      return steps.train(state, batch, hp)
-
-    return steps._replace(train=blows_up_at_step_8)
-
-  monkeypatch.setattr(train, 'steps_for', steps_for)
+  monkeypatch.setattr(trainer, 'train_step', blows_up_at_step_8)
   _, bad_step, epoch = _diverge(config, tmp_path)
   assert (bad_step, epoch) == (8, 2)
   (logged,) = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   kept = _kept_checkpoints(config, tmp_path)
   (latest, latest_meta), (_, best_meta) = kept
   assert int(latest.step) == 6 and best_meta['epoch'] == 1  # epoch 1 ends at step 6
-  assert latest_meta['best_epoch'] == 1
+  assert latest_meta['stopping']['best_epoch'] == 1
   for state, _ in kept:
     assert _holdout_loss(config, state) == pytest.approx(logged['val_loss'], rel=1e-5)
 
@@ -236,14 +231,14 @@ def _files(root: pathlib.Path) -> dict[str, bytes]:
 def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(config,
                                                                                 tmp_path):
   workdir = tmp_path / 'run'
-  first = train.train_and_evaluate(config, str(workdir))
+  first = runs.train_and_evaluate(config, str(workdir))
   old_files = _files(workdir)
   old_params = jax.tree_util.tree_leaves(checkpoints.restore_best(str(workdir))[0])
 
   config.learning_rate = 0.01
   config.dropout = 0.25
   with pytest.raises(errors.WorkdirError) as e:
-    train.train_and_evaluate(config, str(workdir))
+    runs.train_and_evaluate(config, str(workdir))
   assert str(e.value) == (
       f'{workdir} holds a run with a different config (dropout: 0.0 -> 0.25, learning_rate: '
       '0.001 -> 0.01). Use another --workdir, resume that run as it was with '
@@ -252,12 +247,13 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
   assert _files(workdir) == old_files  # not a byte touched
   as_it_was = config.copy_and_resolve_references()
   as_it_was.learning_rate, as_it_was.dropout = 0.001, 0.0  # the flags the message names
-  assert train.train_and_evaluate(as_it_was, str(workdir)) == first
+  assert runs.train_and_evaluate(as_it_was, str(workdir)) == first
 
   config.new_run = True
-  second = train.train_and_evaluate(config, str(workdir))
+  second = runs.train_and_evaluate(config, str(workdir))
   (kept,) = (workdir / 'previous_runs').iterdir()
   assert time.strptime(kept.name, '%Y%m%d-%H%M%S')
+  old_files.pop('lock')  # the workdir's, not the run's: it stays
   assert _files(kept) == old_files  # the earlier run, intact, checkpoints included
   for a, b in zip(old_params, jax.tree_util.tree_leaves(checkpoints.restore_best(str(kept))[0])):
     np.testing.assert_array_equal(a, b)
@@ -346,7 +342,7 @@ def test_online_wandb_trouble_falls_back_to_offline_with_one_warning(config, tmp
   config.num_epochs = 2
   workdir = tmp_path / 'run'
   t0 = time.perf_counter()
-  summary = train.train_and_evaluate(config, str(workdir))
+  summary = runs.train_and_evaluate(config, str(workdir))
   elapsed = time.perf_counter() - t0
   out = capsys.readouterr()
   assert summary['status'] == 'completed' and summary['epochs_run'] == 2
@@ -385,7 +381,7 @@ def test_a_wandb_teardown_that_never_returns_does_not_hang_the_fallback(config, 
   config.num_epochs = 1
   t0 = time.perf_counter()
   try:
-    summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    summary = runs.train_and_evaluate(config, str(tmp_path / 'run'))
   finally:
     elapsed = time.perf_counter() - t0
     release.set()
@@ -399,5 +395,5 @@ def test_offline_wandb_writes_the_run_under_the_workdir(config, tmp_path, monkey
   monkeypatch.delenv('WANDB_SWEEP_ID', raising=False)
   config.wandb_mode = 'offline'
   config.num_epochs = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  runs.train_and_evaluate(config, str(tmp_path))
   _check_logged_offline(tmp_path)

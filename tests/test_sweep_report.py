@@ -182,8 +182,11 @@ def test_run_sweep_report_needs_a_sweep(tmp_path):
     sweep_report.run_sweep_report(None, str(tmp_path), ['extra'])
 
 
-def test_the_report_reads_the_sweep_files_without_importing_the_sweep():
-  code = ('import sys; import cnn.sweep_report; assert "cnn.sweep" not in sys.modules; '
+def test_the_report_reads_the_sweep_files_without_importing_the_sweep_or_configs():
+  record = {'config': {'kernel_size': 5}, 'best_val_acc': 0.5, 'best_epoch': 1, 'epochs': 2,
+            'run': 'r'}
+  code = (f'import sys; import cnn.sweep_report; cnn.sweep_report.best_config_block({record}); '
+          'assert "cnn.sweep" not in sys.modules and "configs" not in sys.modules; '
           'del sys.modules["cnn.sweep_report"]; import cnn.sweep; '
           'assert "cnn.sweep_report" not in sys.modules')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
