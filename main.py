@@ -4,6 +4,7 @@ Any config field can be overridden: `--config.image_size=96 --config.wandb_mode=
 Modes other than train and count start from a trained workdir and reuse its config.json.
 """
 
+import importlib
 import os
 import sys
 import traceback
@@ -55,57 +56,31 @@ flags.DEFINE_bool('distributed', None, 'Multi-host where JAX finds the processes
                   'JAX_COORDINATOR_ADDRESS.')
 
 
-def _train(config, workdir, args):
-  from cnn import runs
-  return runs.run_train(config, workdir, args)
-
-
-def _evaluate(config, workdir, args):
-  from cnn import evaluate
-  return evaluate.run_evaluate(config, workdir, args)
-
-
-def _predict(config, workdir, args):
-  from cnn import predict
-  return predict.run_predict(config, workdir, args, json_output=FLAGS.json)
-
-
-def _guided_bp(config, workdir, args):
-  from cnn import guided_backprop
-  return guided_backprop.run_guided_bp(config, workdir, args)
-
-
-def _count(config, workdir, args):
-  from cnn import count
-  return count.run_count(config, workdir, args)
+def _cnn(module: str):
+  """cnn.<module>, imported on use: a mode pays only for the libraries it needs."""
+  return importlib.import_module(f'cnn.{module}')
 
 
 def _sweep(config, workdir, args):
-  from cnn import sweep
   if args or not workdir:
     raise app.UsageError('--mode=sweep takes no positional arguments and needs --workdir=DIR')
   overridden = FLAGS['config'].override_values
-  sweep.run_sweep(config, workdir, sweep_config_path=FLAGS.sweep_config,
-                  sweep_count=FLAGS.sweep_count,
-                  overrides=tuple(dict.fromkeys(k.split('.')[0] for k in overridden)))
+  _cnn('sweep').run_sweep(config, workdir, sweep_config_path=FLAGS.sweep_config,
+                          sweep_count=FLAGS.sweep_count,
+                          overrides=tuple(dict.fromkeys(k.split('.')[0] for k in overridden)))
   return 0
 
 
-def _sweep_report(config, workdir, args):
-  from cnn import sweep_report
-  return sweep_report.run_sweep_report(config, workdir, args)
-
-
-# mode -> (function, needs the workdir of a trained run). Each function imports its module on
-# use, so a mode only pays for the libraries it needs.
+# mode -> (function of (config, workdir, positional args), needs the workdir of a trained run).
 MODES = {
-    'train': (_train, False),
-    'evaluate': (_evaluate, True),
-    'predict': (_predict, True),
-    'guided_bp': (_guided_bp, True),
-    'count': (_count, False),
+    'train': (lambda c, w, a: _cnn('runs').run_train(c, w, a), False),
+    'evaluate': (lambda c, w, a: _cnn('evaluate').run_evaluate(c, w, a), True),
+    'predict': (lambda c, w, a: _cnn('predict').run_predict(c, w, a, json_output=FLAGS.json),
+                True),
+    'guided_bp': (lambda c, w, a: _cnn('guided_backprop').run_guided_bp(c, w, a), True),
+    'count': (lambda c, w, a: _cnn('count').run_count(c, w, a), False),
     'sweep': (_sweep, False),
-    'sweep_report': (_sweep_report, False),
+    'sweep_report': (lambda c, w, a: _cnn('sweep_report').run_sweep_report(c, w, a), False),
 }
 
 
@@ -129,11 +104,9 @@ def resolve_config(mode: str, workdir: str):
   """The config for `mode`: the file's, or a trained workdir's, plus command-line overrides."""
   config = FLAGS.config
   if FLAGS.sweep_params or os.environ.get('WANDB_SWEEP_PARAM_PATH'):
-    from cnn import sweep
-    config = sweep.agent_config(config, FLAGS.sweep_params)
+    config = _cnn('sweep').agent_config(config, FLAGS.sweep_params)
   if MODES[mode][1]:
-    from cnn import checkpoints
-    config = checkpoints.load_run_config(workdir)
+    config = _cnn('checkpoints').load_run_config(workdir)
     config.update_from_flattened_dict(dict(FLAGS['config'].override_values))
   return config
 
@@ -178,6 +151,8 @@ def run(argv: list[str]) -> int:
   """
   try:
     return _leave(main(argv))
+  except errors.DiskFullError as e:
+    return _leave(fail(e), now=True)  # before Orbax's threads say the same at shutdown
   except (errors.UserError, app.UsageError) as e:
     return _leave(fail(e))
   except Exception as e:
@@ -198,10 +173,10 @@ def _multi_process() -> bool:
   return jax is not None and jax.process_count() > 1
 
 
-def _leave(status: int) -> int:
-  """`status`, or in a multi-process run an exit with it now: jax.distributed's shutdown at exit
-  waits for every process, and one that failed or was killed never comes."""
-  if _multi_process():
+def _leave(status: int, now: bool = False) -> int:
+  """`status`, or (`now`, or in a multi-process run) an exit with it now: jax.distributed's
+  shutdown at exit waits for every process, and one that failed or was killed never comes."""
+  if now or _multi_process():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

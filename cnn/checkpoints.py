@@ -133,7 +133,7 @@ def _save(folder: pathlib.Path, step: int, tree: Any, meta: dict, keep: int) -> 
             else 'there is no earlier checkpoint')
     if step in mngr.all_steps():
       mngr.delete(step)  # the same step again (a preemption right after an epoch): newest wins
-    with errors.disk_full_guard(str(folder), needed, kept):
+    with errors.disk_full_guard(str(folder), needed, kept, quiet=True):
       mngr.save(step, args=args)
     _, reason = _try_read(mngr, step, tree)
     if reason is not None:
@@ -145,6 +145,14 @@ def _save(folder: pathlib.Path, step: int, tree: Any, meta: dict, keep: int) -> 
     steps = sorted(mngr.all_steps())
     for old in steps[:max(len(steps) - keep, 0)]:
       mngr.delete(old)
+
+
+def kept_message(workdir: str) -> str:
+  """What survives a failed write: the newest step of checkpoints/latest, if there is one."""
+  folder = _folder(workdir, 'latest')
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+  return (f'the last good checkpoint (step {max(steps)}) is kept' if steps
+          else 'there is no checkpoint yet')
 
 
 def save_latest(workdir: str, state: Any, meta: dict, keep: int = 3) -> None:

@@ -13,7 +13,6 @@ skips padding taps; tests/test_count.py reconciles the two exactly.
 
 import dataclasses
 import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cnn import checkpoints
+from cnn import errors
 from cnn import layers
 from cnn import models
 
@@ -38,10 +38,6 @@ class LayerCost:
   macs: int
   macs_no_padding: int  # MACs without the taps on 'same' padding's zero border
 
-  @property
-  def flops(self) -> int:
-    return 2 * self.macs
-
 
 def _valid_taps(in_size: int, out_size: int, k: int, padding: str) -> int:
   """Sum over output positions of the kernel taps that fall inside the input (stride 1)."""
@@ -49,10 +45,10 @@ def _valid_taps(in_size: int, out_size: int, k: int, padding: str) -> int:
   return sum(min(i - lo + k, in_size) - max(i - lo, 0) for i in range(out_size))
 
 
-# PLR0913: the six numbers of one conv layer; tests/test_count.py passes them positionally.
-def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], k: int, c_in: int, c_out: int,  # noqa: PLR0913
+def conv_macs(in_hw: tuple[int, int], out_hw: tuple[int, int], kernel_shape: tuple[int, ...],
               padding: str) -> tuple[int, int]:
-  """(textbook MACs, MACs without padding taps) of a stride-1 k x k convolution."""
+  """(textbook MACs, MACs without padding taps) of a stride-1 (k, k, c_in, c_out) convolution."""
+  k, _, c_in, c_out = kernel_shape
   textbook = out_hw[0] * out_hw[1] * k * k * c_in * c_out
   inside = (_valid_taps(in_hw[0], out_hw[0], k, padding)
             * _valid_taps(in_hw[1], out_hw[1], k, padding) * c_in * c_out)
@@ -84,15 +80,11 @@ def layer_costs(model: models.CNN, image_size: int) -> list[LayerCost]:
   with nn.intercept_methods(record):
     jax.eval_shape(model.apply, variables, x)
 
-  def size(tree) -> int:
-    return models.count_parameters(tree)
-
+  size = models.count_parameters
   rows, in_hw = [], (image_size, image_size)
   for i in range(1, len(model.filters) + 1):
-    kernel = params[f'conv{i}']['kernel']  # (k, k, C_in, C_out)
     out = conv_out[f'conv{i}']
-    k, c_in, c_out = kernel.shape[0], kernel.shape[2], kernel.shape[3]
-    macs, inside = conv_macs(in_hw, out[:2], k, c_in, c_out, model.padding)
+    macs, inside = conv_macs(in_hw, out[:2], params[f'conv{i}']['kernel'].shape, model.padding)
     rows.append(LayerCost(f'conv{i}', 'conv', out, size(params[f'conv{i}']), 0, macs, inside))
     if f'bn{i}' in params:
       rows.append(LayerCost(f'bn{i}', 'batch_norm', out, size(params[f'bn{i}']),
@@ -122,52 +114,34 @@ def totals(rows: list[LayerCost]) -> dict[str, int]:
 def xla_forward_flops(model: models.CNN, image_size: int) -> float:
   """FLOPs of the compiled forward pass of one image by XLA's HloCostAnalysis.
 
-  XLA counts 2 per MAC of convolutions (skipping taps on zero padding) and dots, plus one per
-  element of elementwise ops (bias add, activation, batch norm) and window-1 per output of a
-  reduction (the 2x2 max pool: 3). Variables are arguments, not constants, so nothing folds away.
+  XLA counts 2 per MAC (skipping padding taps), one per element of elementwise ops and 3 per
+  output of a 2x2 max pool. Variables are arguments, not constants, so nothing folds away.
   """
   # The textbook convolutions: cnn.layers.Conv computes extra zero columns to pick a kernel.
   model = model.clone(conv_impl='xla')
   variables = _abstract_variables(model, image_size)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  cost = jax.jit(model.apply).lower(variables, x).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0]
-  return float(cost['flops'])
+  return float(jax.jit(model.apply).lower(variables, x).compile().cost_analysis()['flops'])
 
 
 @dataclasses.dataclass(frozen=True)
 class ClosedForm:
   """The textbook network's totals: L conv layers of m k x k filters, n dense neurons, c classes."""
-  padding: str
   params_formula: str
   macs_formula: str
   sizes_formula: str  # defines h_i (conv i's output side) and s_L (side after the last pool)
   params: int
   macs: int
 
-  @property
-  def flops(self) -> int:
-    return 2 * self.macs
-
 
 def _poly(terms: list[tuple[int, str]]) -> str:
   """'a·x + b·y + c' from (coefficient, symbol) pairs, dropping zero terms and 1· factors."""
-  parts = []
-  for coef, sym in terms:
-    if coef == 0:
-      continue
-    if sym and coef == 1:
-      parts.append(sym)
-    else:
-      parts.append(f'{coef}{sym}' if sym else str(coef))
-  return ' + '.join(parts)
+  return ' + '.join(sym if sym and coef == 1 else f'{coef}{sym}' for coef, sym in terms if coef)
 
 
-# PLR0913: the symbols of the formula; tests/test_count.py calls (m, k, n, s, padding, batch_norm=).
+# PLR0913: the symbols of the formula (m, k, n, s) and the network's shape.
 def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: int = 5,  # noqa: PLR0913
-                num_classes: int = DEFAULT_NUM_CLASSES, in_channels: int = 3,
-                batch_norm: bool = False) -> ClosedForm:
+                num_classes: int = DEFAULT_NUM_CLASSES, batch_norm: bool = False) -> ClosedForm:
   """Parameters and MACs of the textbook CNN as formulas in (m, k, n, s) and as numbers.
 
   Block i is conv (stride 1) -> 2x2 max pool that drops an odd row. With s_0 = s:
@@ -180,7 +154,7 @@ def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: in
   MACs   = C·k²·m·h_1² + k²m²·(h_2² + ... + h_L²) + s_L²·m·n + n·c.
   """
   padding = padding.upper()
-  L, c, C = conv_layers, num_classes, in_channels
+  L, c, C = conv_layers, num_classes, 3  # C: RGB input channels
   if padding == 'VALID':
     h = [(s - (2**(i - 1) - 1) * (k - 1)) // 2**(i - 1) - (k - 1) for i in range(1, L + 1)]
     s_last = (s - (2**L - 1) * (k - 1)) // 2**L
@@ -210,7 +184,7 @@ def closed_form(m: int, k: int, n: int, s: int, padding: str, *, conv_layers: in
     geo = sum(4**(L - 1) // 4**(i - 1) for i in range(2, L + 1))
     macs_formula += (f'  =  k²·m·s²·({C} + {geo}m/{4**(L - 1)}) + m·n·s²/{4**L} + {c}n'
                      if L > 1 else '')
-  return ClosedForm(padding, params_formula, macs_formula, sizes, params, macs)
+  return ClosedForm(params_formula, macs_formula, sizes, params, macs)
 
 
 def format_table(rows: list[LayerCost]) -> str:
@@ -218,7 +192,7 @@ def format_table(rows: list[LayerCost]) -> str:
   header = ('layer', 'output shape', 'params', 'BN stats', 'MACs', 'FLOPs')
   body = [(r.name, '×'.join(map(str, r.output_shape)), f'{r.params:,}',
            f'{r.batch_stats:,}' if r.batch_stats else '', f'{r.macs:,}' if r.macs else '',
-           f'{r.flops:,}' if r.macs else '') for r in rows]
+           f'{2 * r.macs:,}' if r.macs else '') for r in rows]
   t = totals(rows)
   total = ('total', '', f'{t["params"]:,}', f'{t["batch_stats"]:,}' if t['batch_stats'] else '',
            f'{t["macs"]:,}', f'{t["flops"]:,}')
@@ -232,8 +206,7 @@ def format_table(rows: list[LayerCost]) -> str:
   return '\n'.join([line(header), rule, *map(line, body), rule, line(total)])
 
 
-def report(config: ml_collections.ConfigDict, num_classes: int = DEFAULT_NUM_CLASSES,
-           with_xla: bool = True) -> str:
+def report(config: ml_collections.ConfigDict, num_classes: int) -> str:
   """The whole `--mode=count` text for `config`: layer table, closed forms, XLA's count."""
   model = models.create_model(config, num_classes)
   s = config.image_size
@@ -251,11 +224,10 @@ def report(config: ml_collections.ConfigDict, num_classes: int = DEFAULT_NUM_CLA
   if model.padding == 'SAME':
     out.append('Without the taps on the zero border (as XLA counts): '
                f'{t["macs_no_padding"]:,} MACs.')
-  if with_xla:
-    xla = xla_forward_flops(model, s)
-    out.append(f'XLA cost analysis of the compiled forward pass: {xla:,.0f} FLOPs '
-               f'({xla / t["flops"] - 1:+.2%} vs 2·MACs; XLA also counts bias adds, activations, '
-               'batch norm and pooling, and skips padding taps).')
+  xla = xla_forward_flops(model, s)
+  out.append(f'XLA cost analysis of the compiled forward pass: {xla:,.0f} FLOPs '
+             f'({xla / t["flops"] - 1:+.2%} vs 2·MACs; XLA also counts bias adds, activations, '
+             'batch norm and pooling, and skips padding taps).')
 
   m, k, n = config.first_layer_filters, config.kernel_size, config.dense_size
   out += ['', f'Textbook closed form: {config.conv_layers} conv layers of m filters of k x k '
@@ -278,24 +250,15 @@ def report(config: ml_collections.ConfigDict, num_classes: int = DEFAULT_NUM_CLA
             f'    params = {cf.params_formula} = {cf.params:,}']
     if len(forms) > 1:
       out.append(f'    params with batch norm = {forms[1].params_formula} = {forms[1].params:,}')
-    out.append(f'    MACs   = {cf.macs_formula} = {cf.macs:,}  (FLOPs {cf.flops:,})')
+    out.append(f'    MACs   = {cf.macs_formula} = {cf.macs:,}  (FLOPs {2 * cf.macs:,})')
   return '\n'.join(out)
-
-
-def _num_classes_of_run(workdir: str) -> int:
-  path = os.path.join(workdir, 'summary.json') if workdir else ''
-  if path and os.path.exists(path):
-    names = checkpoints.read_json(path).get('class_names')
-    if names:
-      return len(names)
-  return DEFAULT_NUM_CLASSES
 
 
 def run_count(config: ml_collections.ConfigDict, workdir: str = '', argv_rest=()) -> int:
   """--mode=count: prints the cost report; uses the run's class count when workdir has one."""
   if argv_rest:
-    print(f'error: --mode=count takes no positional arguments, got {list(argv_rest)}',
-          file=sys.stderr)
-    return 2
-  print(report(config, _num_classes_of_run(workdir)), flush=True)
+    raise errors.UserError(f'--mode=count takes no positional arguments, got {list(argv_rest)}')
+  summary = os.path.join(workdir, 'summary.json') if workdir else ''
+  names = checkpoints.read_json(summary).get('class_names') if os.path.isfile(summary) else None
+  print(report(config, len(names) if names else DEFAULT_NUM_CLASSES), flush=True)
   return 0

@@ -10,6 +10,8 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
+import tempfile
 from typing import Callable, Iterator
 
 
@@ -47,22 +49,55 @@ def _free_mib(folder: str) -> float:
   return shutil.disk_usage(path).free / 2**20
 
 
+class _HeldStderr:
+  """What a block writes to stderr (Python, its threads, C++) held in a file, and written out at
+  the end unless `drop` was called."""
+
+  def __enter__(self):
+    sys.stderr.flush()
+    self._saved, self._file, self._keep = os.dup(2), tempfile.TemporaryFile(), True
+    os.dup2(self._file.fileno(), 2)
+    return self
+
+  def drop(self) -> None:
+    self._keep = False
+
+  def __exit__(self, *exc):
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    with self._file:
+      if self._keep:
+        self._file.seek(0)
+        sys.stderr.write(self._file.read().decode(errors='replace'))
+
+
 @contextlib.contextmanager
-def disk_full_guard(folder: str, needed_bytes: int,
-                    kept: str | Callable[[], str]) -> Iterator[None]:
+def disk_full_guard(folder: str, needed_bytes: int, kept: str | Callable[[], str],
+                    quiet: bool = False) -> Iterator[None]:
   """Turns a failed write for lack of space inside the block into one DiskFullError line.
 
   `needed_bytes` estimates what the write needed; `kept` says what survives (e.g. 'the last good
   checkpoint (step 120) is kept'), or is a function that says it when the write has failed.
+  `quiet` drops what the block wrote to stderr when it fails for lack of space: Orbax's threads
+  print a traceback for every array they could not write.
   """
-  try:
-    yield
-  except DiskFullError:
-    raise  # said already, by a guard inside this one
-  except Exception as e:  # noqa: BLE001 (any library's wording of ENOSPC)
-    if not is_disk_full(e):
-      raise
-    raise DiskFullError(
-        f'no space left on the disk of {folder}: {_free_mib(folder):.1f} MiB free, about '
-        f'{needed_bytes / 2**20:.1f} MiB needed; {kept() if callable(kept) else kept}. Free some '
-        'space and run the same command again') from e
+  with _HeldStderr() if quiet else contextlib.nullcontext() as held:
+    try:
+      yield
+    except DiskFullError:
+      raise  # said already, by a guard inside this one
+    except Exception as e:  # noqa: BLE001 (any library's wording of ENOSPC)
+      if not is_disk_full(e):
+        raise
+      if held is not None:
+        held.drop()
+      kept = kept() if callable(kept) else kept
+      raise DiskFullError(
+          f'no space left on the disk of {folder}: {_free_mib(folder):.1f} MiB free, about '
+          f'{_size(needed_bytes)} needed; {kept}. Free some space and run the same command '
+          'again') from e
+
+
+def _size(n: int) -> str:
+  return f'{n / 2**20:.1f} MiB' if n >= 2**20 else f'{max(n, 1) / 2**10:.0f} KiB'

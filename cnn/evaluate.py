@@ -8,7 +8,6 @@ first_layer_filters.png, first_layer_activations.png.
 import csv
 import os
 import pathlib
-import sys
 import textwrap
 import time
 from typing import NamedTuple
@@ -18,6 +17,7 @@ import numpy as np
 
 from cnn import checkpoints
 from cnn import download
+from cnn import errors
 from cnn import figures
 from cnn import input_pipeline
 from cnn import lock
@@ -29,17 +29,11 @@ FIGURES = ('predictions_grid', 'confusion_matrix', 'first_layer_filters',
            'first_layer_activations')
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """[t, p] = number of images of true class t predicted as p."""
-  cm = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(cm, (labels, preds), 1)
-  return cm
-
-
 def compute_metrics(labels: np.ndarray, log_probs: np.ndarray, class_names: list[str]) -> dict:
   """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix."""
   preds = log_probs.argmax(-1)
-  cm = confusion_matrix(labels, preds, len(class_names))
+  cm = np.zeros((len(class_names),) * 2, np.int64)
+  np.add.at(cm, (labels, preds), 1)  # [t, p]: images of true class t predicted as p
   per_class = np.diag(cm) / np.maximum(cm.sum(1), 1)
   return {
       'test_accuracy': float(np.mean(preds == labels)),
@@ -92,7 +86,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_dir = pathlib.Path(config.data_dir) / 'val'
   log_probs = trainer.log_probabilities(model, variables, data.test_images,
                                         config.eval_batch_size, config.tta_flip)
-  probs = np.exp(log_probs)
   metrics = compute_metrics(data.test_labels, log_probs, class_names)
   metrics.update(best_epoch=meta.get('epoch'), best_val_accuracy=meta.get('val_acc'),
                  skipped_test_images=[p for p in data.skipped
@@ -101,9 +94,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   out = os.path.join(workdir, 'evaluation')
   os.makedirs(out, exist_ok=True)
+  probs = np.exp(log_probs)
   write_predictions_csv(os.path.join(out, 'predictions.csv'), data.test_paths, data.test_labels,
                         probs, class_names)
-  pngs = draw_figures(model, variables, Evaluation(data, probs, metrics), config, out)
+  pngs = {name: os.path.join(out, f'{name}.png') for name in FIGURES}
+  _draw_figures(model, variables, Evaluation(data, probs, metrics), config.eval_image_seed, pngs)
   metrics['figures'] = {k: os.path.basename(v) for k, v in pngs.items()}  # beside this file
   checkpoints.write_json(os.path.join(out, 'test_metrics.json'), metrics)
   _note_in_summary(workdir, metrics)
@@ -147,51 +142,37 @@ class Evaluation(NamedTuple):
   metrics: dict
 
 
-def draw_figures(model: models.CNN, variables: dict, evaluation: Evaluation,
-                 config: ml_collections.ConfigDict, out: str) -> dict[str, str]:
-  """The four PNGs of the evaluation; returns {name: path}."""
-  paths = {name: os.path.join(out, f'{name}.png') for name in FIGURES}
-  _draw_test_set_figures(evaluation, config.eval_image_seed, paths)
-  kernel = np.asarray(variables['params']['conv1']['kernel'])
-  figures.plot_first_layer_filters(kernel, paths['first_layer_filters'])
-  _draw_first_layer_activations(model, variables, evaluation, config.eval_image_seed, paths)
-  return paths
-
-
-def _draw_test_set_figures(evaluation: Evaluation, seed: int, paths: dict[str, str]) -> None:
-  """The predictions grid and the confusion matrix."""
+def _draw_figures(model: models.CNN, variables: dict, evaluation: Evaluation, seed: int,
+                  pngs: dict[str, str]) -> None:
+  """The four PNGs; the grid's images and the activations' image are drawn with `seed`."""
   data, probs, metrics = evaluation
   names = data.class_names
-  acc, n = metrics['test_accuracy'], metrics['num_test_images']
-  epoch = metrics.get('best_epoch')
+  acc, n, epoch = metrics['test_accuracy'], metrics['num_test_images'], metrics['best_epoch']
   where = f'best checkpoint (epoch {epoch})' if epoch else 'best checkpoint'
-  grid = figures.predictions_grid_indices(data.test_labels, len(names), seed)
   figures.plot_predictions_grid(
-      data.test_images, data.test_labels, probs, names, grid, paths['predictions_grid'],
-      title=f'Test images and the predictions of the {where}: accuracy {acc:.1%} on {n} images')
+      figures.GridData(data.test_images, data.test_labels, probs, names),
+      figures.predictions_grid_indices(data.test_labels, len(names), seed),
+      pngs['predictions_grid'],
+      f'Test images and the predictions of the {where}: accuracy {acc:.1%} on {n} images')
   figures.plot_confusion_matrix(
-      np.asarray(metrics['confusion_matrix']), names, paths['confusion_matrix'],
-      title=f'Confusion matrix on the test set ({n} images), {where}: accuracy {acc:.1%}')
+      np.asarray(metrics['confusion_matrix']), names, pngs['confusion_matrix'],
+      f'Confusion matrix on the test set ({n} images), {where}: accuracy {acc:.1%}')
+  figures.plot_first_layer_filters(np.asarray(variables['params']['conv1']['kernel']),
+                                   pngs['first_layer_filters'])
 
-
-def _draw_first_layer_activations(model: models.CNN, variables: dict, evaluation: Evaluation,
-                                  seed: int, paths: dict[str, str]) -> None:
-  """The conv1 feature maps of one test image drawn with `seed`."""
-  data, probs, _ = evaluation
-  names = data.class_names
   i = int(np.random.default_rng(seed).integers(len(data.test_labels)))
   image = data.test_images[i]
   maps = np.asarray(models.block_output(model, variables, image[None] / np.float32(255.0),
                                         'conv1')[0], np.float32)
   y, k = data.test_labels[i], int(probs[i].argmax())
-  caption = textwrap.fill(f'{os.path.basename(data.test_paths[i])}: true '
-                          f'{figures.display_name(names[y])}, predicted '
-                          f'{figures.display_name(names[k])} ({probs[i, k]:.0%})', 48)
   figures.plot_first_layer_activations(
-      image, maps, paths['first_layer_activations'], caption=caption,
-      title=(f'First-layer feature maps of test image #{i} (eval_image_seed='
-             f'{seed}): all {maps.shape[-1]} filters after '
-             f'{"batch norm and " if model.batch_norm else ""}{model.activation}'))
+      image, maps, pngs['first_layer_activations'],
+      title=(f'First-layer feature maps of test image #{i} (eval_image_seed={seed}): all '
+             f'{maps.shape[-1]} filters after '
+             f'{"batch norm and " if model.batch_norm else ""}{model.activation}'),
+      caption=textwrap.fill(f'{os.path.basename(data.test_paths[i])}: true '
+                            f'{figures.display_name(names[y])}, predicted '
+                            f'{figures.display_name(names[k])} ({probs[i, k]:.0%})', 48))
 
 
 def format_report(metrics: dict) -> str:
@@ -209,14 +190,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  argv_rest: list[str]) -> int:
   """--mode=evaluate: config is the run's config.json with command-line overrides applied."""
   if argv_rest:
-    print(f'error: --mode=evaluate takes no positional arguments, got {argv_rest}',
-          file=sys.stderr)
-    return 2
-  try:
-    metrics = evaluate(config, workdir)
-  except input_pipeline.DatasetError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise errors.UserError(f'--mode=evaluate takes no positional arguments, got {argv_rest}')
+  metrics = evaluate(config, workdir)
   print(format_report(metrics))
   print(f'wrote {os.path.join(workdir, "evaluation")}/: test_metrics.json, predictions.csv, '
         + ', '.join(f'{k}.png' for k in FIGURES))

@@ -22,13 +22,13 @@ import numpy as np
 
 from cnn import checkpoints
 from cnn import config as config_lib
-from cnn import guided_backprop_figures as figures_lib
+from cnn import errors
+from cnn import figures
 from cnn import input_pipeline
 from cnn import metrics_writer
 from cnn import models
 
 METHODS = ('guided', 'vanilla', 'deconvnet')
-_RULE_ACTIVATION = {'guided': 'guided_relu', 'deconvnet': 'deconvnet_relu'}
 _RELU_FAMILY = ('relu', 'guided_relu', 'deconvnet_relu')
 
 
@@ -40,24 +40,27 @@ def backprop_model(model: models.CNN, method: str) -> models.CNN:
   of whatever activation the model was trained with.
   """
   if method not in METHODS:
-    raise ValueError(f'unknown guided_bp_method {method!r}; choose one of {", ".join(METHODS)}')
+    raise config_lib.ConfigError(f'unknown guided_bp_method {method!r}; choose one of '
+                                 f'{", ".join(METHODS)}')
   if model.activation not in _RELU_FAMILY:
     if method == 'vanilla':
       return model
-    raise ValueError(
+    raise config_lib.ConfigError(
         f'the {method} backprop rule is defined for ReLU networks only, but this model was '
         f'trained with activation={model.activation!r}; use --config.guided_bp_method=vanilla '
         'for its plain input gradient, or train with activation=relu')
-  return model.clone(activation=_RULE_ACTIVATION.get(method, 'relu'))
+  return model.clone(activation='relu' if method == 'vanilla' else f'{method}_relu')
 
 
 def layer_index(layer: str, num_layers: int) -> int:
   """1-based block number of a layer named 'convN', checked against the model's depth."""
   if not (layer.startswith('conv') and layer[4:].isdigit()):
-    raise ValueError(f'guided_bp_layer must be conv1..conv{num_layers}, got {layer!r}')
+    raise config_lib.ConfigError(f'guided_bp_layer must be conv1..conv{num_layers}, got '
+                                 f'{layer!r}')
   n = int(layer[4:])
   if not 1 <= n <= num_layers:
-    raise ValueError(f'guided_bp_layer={layer!r} but the model has conv1..conv{num_layers}')
+    raise config_lib.ConfigError(f'guided_bp_layer={layer!r} but the model has '
+                                 f'conv1..conv{num_layers}')
   return n
 
 
@@ -88,7 +91,8 @@ def choose_neurons(acts: np.ndarray, num: int, channels: Sequence[int] = ()) -> 
   if len(channels):
     chosen = np.asarray([int(ch) for ch in channels])
     if np.any((chosen < 0) | (chosen >= c)):
-      raise ValueError(f'guided_bp_channels {list(chosen)} out of range: the layer has {c}')
+      raise config_lib.ConfigError(f'guided_bp_channels {list(chosen)} out of range: the layer '
+                                   f'has {c}')
   else:
     # Stable sort so that ties (e.g. several dead channels) resolve to the lower index.
     chosen = np.argsort(-peak, kind='stable')[:min(num, c)]
@@ -107,7 +111,7 @@ def _neuron_gradients(model, variables, image, layer, index):
   return jax.vmap(jax.grad(neuron), in_axes=(None, 0))(image, index)
 
 
-# PLR0913: public call fixed by tests/test_guided_backprop.py (six positional arguments).
+# PLR0913: the model, its weights, the image, and which neurons of which layer under which rule.
 def neuron_gradients(model: models.CNN, variables, image, layer: str, neurons: Neurons,  # noqa: PLR0913
                      method: str = 'guided') -> np.ndarray:
   """d(neuron activation)/d(image) under `method`'s rule for every neuron: (K, H, W, 3)."""
@@ -167,30 +171,23 @@ def neuron_boxes(model: models.CNN, layer: str, neurons: Neurons,
 def _grad_cam(model, variables, image, class_index):
   layer = f'conv{len(model.filters)}'
 
-  def class_logit(eps):
+  def class_logit(acts):
     # Grad-CAM needs d logit / d(last block output); the model exposes that output only as a
-    # sown value, so the gradient is taken at the dense layer's input (the pooled, flattened
-    # block output) and carried back through the model's own pool below.
-    def add_eps(next_fun, args, kwargs, context):
+    # sown value, so the dense layer's input (the pooled, flattened block output) is replaced by
+    # the same value computed from `acts` through the model's own pool.
+    def from_acts(next_fun, args, kwargs, context):
       if context.module.name == 'dense' and context.method_name == '__call__':
-        if args[0].shape != eps.shape:
-          raise ValueError('Grad-CAM expects the dense layer to read the flattened pooled '
-                           f'{layer} output, got {args[0].shape} vs {eps.shape}')
-        args = (args[0] + eps,) + tuple(args[1:])
+        args = (models.max_pool_2x2(acts[None]).reshape(1, -1),) + tuple(args[1:])
       return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(add_eps):
+    with nn.intercept_methods(from_acts):
       logits = model.apply(variables, image[None], train=False)
     return logits[0, class_index], logits[0]
 
-  acts = layer_activations(model, variables, image, layer)
-  pooled = models.max_pool_2x2(acts[None])
-  eps = jnp.zeros((1, pooled.size), acts.dtype)
-  grad_pooled, logits = jax.grad(class_logit, has_aux=True)(eps)
-  _, pool_vjp = jax.vjp(models.max_pool_2x2, acts[None].astype(jnp.float32))
-  grad_acts = pool_vjp(grad_pooled.reshape(pooled.shape))[0][0]
+  acts = layer_activations(model, variables, image, layer).astype(jnp.float32)
+  grad_acts, logits = jax.grad(class_logit, has_aux=True)(acts)
   weights = grad_acts.mean(axis=(0, 1))  # alpha_k of Selvaraju et al., 2017
-  cam = jax.nn.relu(jnp.einsum('hwc,c->hw', acts.astype(jnp.float32), weights))
+  cam = jax.nn.relu(jnp.einsum('hwc,c->hw', acts, weights))
   return cam, logits
 
 
@@ -242,21 +239,6 @@ def guided_grad_cam(model: models.CNN, variables, image, class_index: int | None
       guided_grad_cam=(class_map * cam[..., None]).astype(np.float32))
 
 
-def _check_config(config, model: models.CNN) -> None:
-  """ConfigError (so main prints one line) for guided_bp_* values that cannot work."""
-  if config.guided_bp_method not in METHODS:
-    raise config_lib.ConfigError(f'guided_bp_method={config.guided_bp_method!r}; use one of '
-                                 f'{", ".join(METHODS)}')
-  try:
-    layer_index(config.guided_bp_layer, len(model.filters))
-    backprop_model(model, config.guided_bp_method)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  if config.guided_bp_num_neurons < 1:
-    raise config_lib.ConfigError(
-        f'guided_bp_num_neurons={config.guided_bp_num_neurons} must be at least 1')
-
-
 def pick_image(config) -> tuple[np.ndarray, str]:
   """(S, S, 3) uint8 image and its path: config.guided_bp_image, else a seeded test image."""
   if config.guided_bp_image:
@@ -276,8 +258,10 @@ def pick_image(config) -> tuple[np.ndarray, str]:
 
 
 class Explanation(NamedTuple):
+  image: np.ndarray  # (H, W, 3) uint8
+  layer: str
   neurons: Neurons
-  boxes: np.ndarray  # (K, 4)
+  boxes: np.ndarray  # (K, 4) receptive fields [top, left, bottom, right)
   maps: dict[str, np.ndarray]  # method -> (K, H, W, 3)
   grad_cam: GuidedGradCam | None  # None for non-ReLU models
 
@@ -291,105 +275,78 @@ def explain(model: models.CNN, variables, image: np.ndarray, config) -> Explanat
   methods = METHODS if model.activation in _RELU_FAMILY else ('vanilla',)
   maps = {m: neuron_gradients(model, variables, x, layer, neurons, m) for m in methods}
   gcam = guided_grad_cam(model, variables, x) if 'guided' in methods else None
-  return Explanation(neurons=neurons, boxes=neuron_boxes(model, layer, neurons, image.shape[:2]),
-                     maps=maps, grad_cam=gcam)
+  return Explanation(image, layer, neurons, neuron_boxes(model, layer, neurons, image.shape[:2]),
+                     maps, gcam)
 
 
 def run_guided_bp(config, workdir: str, argv_rest: list[str]) -> int:
-  """--mode=guided_bp: explain conv neurons of the best checkpoint on one test image.
+  """--mode=guided_bp: explains conv neurons of the best checkpoint on one test image.
 
   Writes WORKDIR/guided_bp/{guided_backprop.png, comparison.png, guided_gradcam.png,
   guided_backprop.npz}.
   """
   if argv_rest:
-    raise config_lib.ConfigError(f'--mode=guided_bp takes no positional arguments, got '
-                                 f'{argv_rest}')
+    raise errors.UserError(f'--mode=guided_bp takes no positional arguments, got {argv_rest}')
   t0 = time.time()
   model, variables, class_names, meta = checkpoints.load_best_model(config, workdir)
   # Gradients in float32 whatever the training dtype: bfloat16 maps lose most small values.
   model = model.clone(dtype=jnp.float32)
-  _check_config(config, model)
+  layer_index(config.guided_bp_layer, len(model.filters))
+  backprop_model(model, config.guided_bp_method)
+  if config.guided_bp_num_neurons < 1:
+    raise config_lib.ConfigError(
+        f'guided_bp_num_neurons={config.guided_bp_num_neurons} must be at least 1')
   image, image_path = pick_image(config)
   result = explain(model, variables, image, config)
-  method, layer = config.guided_bp_method, config.guided_bp_layer
-  neurons = result.neurons
-  if len(neurons.channels) < config.guided_bp_num_neurons:
-    print(f'{layer} has only {len(neurons.channels)} channels; explaining all of them')
-  silent = [int(c) for c, v in zip(neurons.channels, neurons.values) if v <= 0]
-  if silent:
-    print(f'channels {silent} are silent on this image (activation 0): their guided and vanilla '
-          'maps are zero')
+  _print_neurons(result, class_names, config.guided_bp_num_neurons)
 
   out_dir = os.path.join(workdir, 'guided_bp')
-  os.makedirs(out_dir, exist_ok=True)
-  epoch = meta.get('epoch', '?') if isinstance(meta, dict) else '?'
+  method, out = config.guided_bp_method, functools.partial(os.path.join, out_dir)
   title = (f'{os.path.basename(image_path)}; yellow boxes = receptive fields of the '
-           f'{len(neurons.channels)} {layer} neurons (best checkpoint, epoch {epoch})')
-  subject = _Subject(image, image_path, title)
-  figures = _draw_figures(result, subject, class_names, config, out_dir)
-  if result.grad_cam is None:
-    print(f'guided Grad-CAM skipped: it needs guided backprop, which is defined for ReLU only '
-          f'(activation={model.activation!r})')
-  _save_arrays(result, subject, config, out_dir)
+           f'{len(result.boxes)} {result.layer} neurons (best checkpoint, epoch '
+           f'{meta.get("epoch", "?")})')
+  pngs = {'guided_bp/guided_backprop': figures.neuron_figure(
+      result, method, out('guided_backprop.png'), title)}
+  if len(result.maps) > 1:
+    pngs['guided_bp/comparison'] = figures.comparison_figure(result, out('comparison.png'))
+  if result.grad_cam is not None:
+    pngs['guided_bp/guided_gradcam'] = figures.grad_cam_figure(
+        result, class_names[result.grad_cam.class_index], out('guided_gradcam.png'))
+  _save_arrays(result, method, image_path, out('guided_backprop.npz'))
   writer = metrics_writer.beside_training(config, workdir)
   try:
-    writer.log_images(figures)
+    writer.log_images(pngs)
   finally:
     writer.close()
-  _print_neurons(result, class_names, layer)
   print(f'{method} backprop of {image_path}: wrote {out_dir}/ in {time.time() - t0:.1f} s')
   return 0
 
 
-class _Subject(NamedTuple):
-  """The explained test image, its file and the title its figures carry."""
-  image: np.ndarray
-  path: str
-  title: str
-
-
-def _draw_figures(result: Explanation, subject: _Subject, class_names: list[str], config,
-                  out_dir: str) -> dict[str, str]:
-  """The PNGs of one explanation; returns {W&B key: path}."""
-  image, method, layer = subject.image, config.guided_bp_method, config.guided_bp_layer
-  neurons = result.neurons
-  figures = {'guided_bp/guided_backprop': figures_lib.neuron_figure(
-      image, result.maps[method], neurons, result.boxes, layer=layer, method=method,
-      path=os.path.join(out_dir, 'guided_backprop.png'), title=subject.title)}
-  if len(result.maps) > 1:
-    side_by_side = {m: result.maps[m] for m in ('vanilla', 'deconvnet', 'guided')}
-    figures['guided_bp/comparison'] = figures_lib.comparison_figure(
-        image, side_by_side, neurons, result.boxes, layer=layer,
-        path=os.path.join(out_dir, 'comparison.png'))
-  gcam = result.grad_cam
-  if gcam is not None:
-    figures['guided_bp/guided_gradcam'] = figures_lib.grad_cam_figure(
-        image, gcam, class_name=class_names[gcam.class_index],
-        path=os.path.join(out_dir, 'guided_gradcam.png'))
-  return figures
-
-
-def _save_arrays(result: Explanation, subject: _Subject, config, out_dir: str) -> None:
-  """guided_backprop.npz: every map, the neurons and, for ReLU models, the Grad-CAM arrays."""
-  method, neurons = config.guided_bp_method, result.neurons
+def _save_arrays(result: Explanation, method: str, image_path: str, path: str) -> None:
+  """Every map, the neurons and, for ReLU models, the Grad-CAM arrays."""
+  neurons, gcam = result.neurons, result.grad_cam
   arrays = dict(
-      maps=result.maps[method], method=method, layer=config.guided_bp_layer,
-      image=subject.image, image_path=subject.path,
-      channels=neurons.channels, rows=neurons.rows, cols=neurons.cols,
+      maps=result.maps[method], method=method, layer=result.layer, image=result.image,
+      image_path=image_path, channels=neurons.channels, rows=neurons.rows, cols=neurons.cols,
       activations=neurons.values, receptive_fields=result.boxes,
       **{f'maps_{m}': v for m, v in result.maps.items()})
-  gcam = result.grad_cam
   if gcam is not None:
     arrays.update(predicted_class=gcam.class_index, probabilities=gcam.probabilities,
                   grad_cam=gcam.cam, guided_grad_cam=gcam.guided_grad_cam,
                   guided_class_map=gcam.class_map)
-  np.savez_compressed(os.path.join(out_dir, 'guided_backprop.npz'), **arrays)
+  np.savez_compressed(path, **arrays)
 
 
-def _print_neurons(result: Explanation, class_names: list[str], layer: str) -> None:
+def _print_neurons(result: Explanation, class_names: list[str], num_asked: int) -> None:
   neurons, gcam = result.neurons, result.grad_cam
+  if len(neurons.channels) < num_asked:
+    print(f'{result.layer} has only {len(neurons.channels)} channels; explaining all of them')
   for c, r, col, v in zip(neurons.channels, neurons.rows, neurons.cols, neurons.values):
-    print(f'{layer} channel {int(c):4d} at ({int(r)}, {int(col)}): activation {float(v):.4g}')
-  if gcam is not None:
+    print(f'{result.layer} channel {int(c):4d} at ({int(r)}, {int(col)}): activation '
+          f'{float(v):.4g}' + ('  (silent on this image: its guided and vanilla maps are zero)'
+                               if v <= 0 else ''))
+  if gcam is None:
+    print('guided Grad-CAM skipped: it needs guided backprop, which is defined for ReLU only')
+  else:
     print(f'predicted {class_names[gcam.class_index]} '
           f'({float(gcam.probabilities[gcam.class_index]):.1%})')

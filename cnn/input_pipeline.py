@@ -4,11 +4,10 @@
     data_dir/val/<class>/*    -> test set, never seen by training
 
 Every image is decoded and resized once into a tensorflow-datasets cache of uint8 arrays, keyed
-by the folder's contents and the image size; later runs read the arrays back instead of decoding
-again. The cache is TFDS's array_record format because TFDS writes it and reads it back (through
-`builder.as_data_source()`) without TensorFlow, which its TFRecord format needs. A cache written
-by an older version of this code is rebuilt in its place. tensorflow_datasets is imported on
-first use: training from arrays already in memory needs none of it.
+by the folder's contents and the image size; later runs read the arrays back. The format is
+array_record, which TFDS writes and reads back (`builder.as_data_source()`) without TensorFlow.
+A cache of an older version is rebuilt in its place. tensorflow_datasets is imported on first
+use: training from arrays already in memory needs none of it.
 """
 
 import concurrent.futures
@@ -23,7 +22,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 import warnings
 
 from absl import logging
@@ -156,12 +155,9 @@ def read_image(path: str, image_size: int) -> np.ndarray:
 
 
 def _hide_decoder_warnings() -> None:
-  """Keeps PIL's warnings (a palette PNG with transparency, ...) off the screen.
-
-  A process-wide filter rather than catch_warnings around the decode, which is not thread-safe
-  before Python 3.14: the cache build decodes in threads. Re-added when missing, since pytest
-  and other callers reset the filters.
-  """
+  """Keeps PIL's warnings (a palette PNG with transparency, ...) off the screen: a process-wide
+  filter, as catch_warnings is not thread-safe before Python 3.14; re-added when something (pytest)
+  resets the filters."""
   for action, _, _, module, _ in warnings.filters:
     if action == 'ignore' and module is not None and module.pattern == _DECODER_MODULES:
       return
@@ -175,27 +171,11 @@ def _reason(path: str, error: Exception) -> str:
   return str(error) or type(error).__name__
 
 
-def _fingerprint(splits: dict[str, FileList], class_names: list[str]) -> str:
-  h = hashlib.sha256(repr(class_names).encode())
-  for split in SPLITS:
-    for p, y in zip(splits[split].paths, splits[split].labels):
-      st = os.stat(p)
-      h.update(f'{split}|{os.path.basename(p)}|{y}|{st.st_size}|{int(st.st_mtime)}\n'.encode())
-  return h.hexdigest()[:12]
-
-
-@functools.cache
-def _tfds():
-  """tensorflow_datasets, imported on first use: training from arrays in memory needs none."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()  # its bars for the write are noise; load_dataset says what it does
-  return tfds
-
-
 @functools.cache
 def _builder_class() -> type:
   """The TFDS builder class, defined on first use so that importing this module needs no TFDS."""
-  tfds = _tfds()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()  # its bars for the write are noise; load_dataset says what it does
 
   class ImageFolderCache(tfds.core.GeneratorBasedBuilder):
     """Decoded, resized uint8 images of one image folder at one size, as a TFDS dataset."""
@@ -218,13 +198,13 @@ def _builder_class() -> type:
           'index': np.int64,  # position in discover()'s file list: load_dataset sorts by it
       }), disable_shuffling=True)  # a shuffle on write that load_dataset would undo
       # For a cache not yet built, TFDS looks for a public dataset's metadata on GCS in a
-      # mkdtemp() folder it never removes: one empty /tmp/tmp*tfds per build. A local cache has
-      # no such metadata.
-      info.initialize_from_bucket = _no_bucket_metadata
+      # mkdtemp() folder it never removes; a local cache has no such metadata.
+      info.initialize_from_bucket = lambda: None
       return info
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... prepared"; we print our own.
     def _log_download_bytes(self):
-      pass  # TFDS's "Downloading and preparing dataset Unknown size ...": load_dataset says it
+      pass
 
     def _log_download_done(self):
       pass
@@ -233,22 +213,16 @@ def _builder_class() -> type:
       return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split):
-      # load_dataset takes these instead of reading back the files just written (~15% of a build).
+      # load_dataset takes these instead of reading back the files just written.
       self.decoded[split] = yield from _decode_split(self._splits[split], self._image_size,
                                                      self.reasons)
 
   return ImageFolderCache
 
 
-def _no_bucket_metadata() -> None:
-  pass
-
-
 def _decode_split(files: FileList, size: int, reasons: dict[str, str]):
   """Yields the examples of one split, decoded in threads; returns (images, indices) kept.
-
-  Why each skipped file could not be read goes into `reasons`.
-  """
+  Why each skipped file could not be read goes into `reasons`."""
 
   def decode(i):
     try:
@@ -274,19 +248,22 @@ def _decode_split(files: FileList, size: int, reasons: dict[str, str]):
 
 
 def cache_name(config, splits: dict[str, FileList], class_names: list[str]) -> str:
-  """The cache's TFDS config name: the folder's name, the image size and a content hash."""
-  fingerprint = _fingerprint(splits, class_names)
-  return f'{pathlib.Path(config.data_dir).resolve().name}_{config.image_size}px_{fingerprint}'
+  """The cache's TFDS config name: the folder's name, the image size and a hash of the files'
+  names, labels, sizes and modification times."""
+  content = hashlib.sha256(repr(class_names).encode())
+  for split in SPLITS:
+    for p, y in zip(splits[split].paths, splits[split].labels):
+      st = os.stat(p)
+      content.update(
+          f'{split}|{os.path.basename(p)}|{y}|{st.st_size}|{int(st.st_mtime)}\n'.encode())
+  folder = pathlib.Path(config.data_dir).resolve().name
+  return f'{folder}_{config.image_size}px_{content.hexdigest()[:12]}'
 
 
 def user_cache_root() -> pathlib.Path:
   """$XDG_CACHE_HOME/inat_cnn (~/.cache/inat_cnn): the image cache and XLA's compilation cache."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return pathlib.Path(base) / 'inat_cnn'
-
-
-def _cache_root(cache_dir: str) -> pathlib.Path:
-  return pathlib.Path(cache_dir) if cache_dir else user_cache_root()
 
 
 @contextlib.contextmanager
@@ -300,31 +277,22 @@ def _quiet_tfds():
     logging.set_verbosity(old)
 
 
-def _cache_builder(splits: dict[str, FileList], class_names: list[str], image_size: int,
-                   name: str, root: pathlib.Path):
-  """The TFDS builder of one cache: array_record files under root/image_folder_cache/name."""
-  with _quiet_tfds():
-    return _builder_class()(splits=splits, class_names=class_names, image_size=image_size,
-                            name=name, data_dir=str(root), version=_VERSION,
-                            file_format='array_record')
-
-
 def _prepared_builder(splits, class_names, image_size, name, root):
-  """The builder of this folder's cache, built first where it is missing. Call under the lock."""
-  # Made under the lock: a builder made earlier would not see splits another process wrote.
-  builder = _cache_builder(splits, class_names, image_size, name, root)
-  if not builder.is_prepared():
-    _build(builder, sum(len(s.paths) for s in splits.values()), image_size, root)
-  return builder
-
-
-def _build(builder, n: int, image_size: int, root: pathlib.Path) -> None:
-  """Decodes the `n` images into the cache; DiskFullError where the disk fills up meanwhile.
+  """The builder of this folder's cache (array_record files under root/image_folder_cache/name),
+  built first where it is missing. Called under the lock: a builder made earlier would not see
+  splits another process wrote.
 
   TFDS writes into an incomplete.* folder beside the version's folder and renames it when done,
-  removing it when the write fails: a failed build leaves nothing that reads as a cache.
+  removing it when the write fails: a failed build (DiskFullError where the disk fills up)
+  leaves nothing that reads as a cache.
   """
+  builder = _builder_class()(splits=splits, class_names=class_names, image_size=image_size,
+                             name=name, data_dir=str(root), version=_VERSION,
+                             file_format='array_record')
+  if builder.is_prepared():
+    return builder
   _remove_leftovers(pathlib.Path(builder.data_dir).parent)
+  n = sum(len(s.paths) for s in splits.values())
   t = time.perf_counter()
   print(f'decoding {n} images once into {root} ...', flush=True)
   with errors.disk_full_guard(str(root), n * image_size * image_size * 3,
@@ -332,6 +300,7 @@ def _build(builder, n: int, image_size: int, root: pathlib.Path) -> None:
     builder.download_and_prepare()
   t = time.perf_counter() - t
   print(f'cache built: {n} images in {t:.1f} s ({n / t:.0f} images/s)', flush=True)
+  return builder
 
 
 def _remove_leftovers(folder: pathlib.Path) -> None:
@@ -355,38 +324,23 @@ def _is_older_version(name: str) -> bool:
   return re.fullmatch(r'\d+\.\d+\.\d+', name) is not None and as_tuple(name) < as_tuple(_VERSION)
 
 
-def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images, indices into discover()'s file list) of one split of a prepared cache."""
+def _read_split(builder, split: str, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """(images, indices into discover()'s file list) of one split of a prepared cache: what the
+  build decoded, else the records read back chunk by chunk into one array."""
   if split in builder.decoded:
     return builder.decoded[split]
-  images, index = _read_records(builder.as_data_source(split=split),
-                                builder.info.features['image'].shape)
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  images = np.empty((n, *builder.info.features['image'].shape), np.uint8)
+  index = np.empty(n, np.int64)
+  for start in range(0, n, chunk):
+    for i, record in enumerate(source.__getitems__(range(start, min(n, start + chunk))), start):
+      images[i], index[i] = record['image'], record['index']
   order = np.argsort(index, kind='stable')
   return images[order], index[order]
 
 
-def _read_records(source, shape: tuple[int, ...],
-                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-  """All records of an array_record data source, copied chunk by chunk into one array."""
-  n = len(source)
-  images, index = np.empty((n, *shape), np.uint8), np.empty(n, np.int64)
-  for start in range(0, n, chunk):
-    for i, record in enumerate(source.__getitems__(range(start, min(n, start + chunk))), start):
-      images[i], index[i] = record['image'], record['index']
-  return images, index
-
-
-def _warn_unreadable(skipped: list[str], reasons: dict[str, str], image_size: int) -> None:
-  """The first few unreadable files, one per line, and how many more (summary.json has all)."""
-  for path in skipped[:WARNINGS_SHOWN]:
-    print(f'warning: skipping unreadable image {_why(path, reasons, image_size)}',
-          file=sys.stderr, flush=True)
-  if len(skipped) > WARNINGS_SHOWN:
-    print(f'warning: ... and {len(skipped) - WARNINGS_SHOWN} more unreadable images; all are '
-          'listed in summary.json', file=sys.stderr, flush=True)
-
-
-def _why(path: str, reasons: dict[str, str], image_size: int) -> str:
+def _why(reasons: dict[str, str], image_size: int, path: str) -> str:
   if path in reasons:
     return reasons[path]
   try:
@@ -396,32 +350,16 @@ def _why(path: str, reasons: dict[str, str], image_size: int) -> str:
     return str(e)
 
 
-def _check_every_class_readable(files: FileList, kept: np.ndarray, class_names: list[str],
-                                folder: pathlib.Path, why: Callable[[str], str]) -> None:
-  """DatasetError for a class none of whose files in this split decoded; `why(path)` says why
-  a file did not."""
-  labels = np.asarray(files.labels)
-  readable = np.bincount(labels[kept], minlength=len(class_names))
-  for c in np.flatnonzero(readable == 0):
-    bad = [p for p, y in zip(files.paths, files.labels) if y == c]
-    raise DatasetError(
-        f'class folder {folder / class_names[c]} has no readable images: all {len(bad)} of its '
-        f'image files failed to decode (first: {why(bad[0])}); replace '
-        'them, or remove the class folder from both splits')
-
-
 def load_dataset(config) -> Dataset:
   """Train/hold-out/test arrays at `config.image_size`, building the cache on first use."""
   splits, class_names = discover(config.data_dir)
-  name, root = cache_name(config, splits, class_names), _cache_root(config.cache_dir)
+  name = cache_name(config, splits, class_names)
+  root = pathlib.Path(config.cache_dir) if config.cache_dir else user_cache_root()
   root.mkdir(parents=True, exist_ok=True)
-  # TFDS writes into a temporary folder and renames it, so a killed build leaves nothing
-  # half-written; the lock makes concurrent sweep runs build once and share the result.
-  with open(root / f'{name}.lock', 'a') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    with _quiet_tfds():
-      builder = _prepared_builder(splits, class_names, config.image_size, name, root)
-    fcntl.flock(lock, fcntl.LOCK_UN)
+  # The lock makes concurrent sweep runs build once and share the result.
+  with open(root / f'{name}.lock', 'a') as lock, _quiet_tfds():
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    builder = _prepared_builder(splits, class_names, config.image_size, name, root)
 
   with _quiet_tfds():
     train_all, train_idx = _read_split(builder, 'train')
@@ -429,11 +367,20 @@ def load_dataset(config) -> Dataset:
   train_files, test_files = splits['train'], splits['val']
   skipped = sorted(set(train_files.paths) - {train_files.paths[i] for i in train_idx}
                    | set(test_files.paths) - {test_files.paths[i] for i in test_idx})
-  _warn_unreadable(skipped, builder.reasons, config.image_size)
-  why = lambda path: _why(path, builder.reasons, config.image_size)
+  why = functools.partial(_why, builder.reasons, config.image_size)
+  for path in skipped[:WARNINGS_SHOWN]:  # the first few by name; summary.json lists them all
+    print(f'warning: skipping unreadable image {why(path)}', file=sys.stderr, flush=True)
+  if len(skipped) > WARNINGS_SHOWN:
+    print(f'warning: ... and {len(skipped) - WARNINGS_SHOWN} more unreadable images; all are '
+          'listed in summary.json', file=sys.stderr, flush=True)
   for split, files, kept in (('train', train_files, train_idx), ('val', test_files, test_idx)):
-    _check_every_class_readable(files, kept, class_names, pathlib.Path(config.data_dir) / split,
-                                why)
+    readable = np.bincount(np.asarray(files.labels)[kept], minlength=len(class_names))
+    for c in np.flatnonzero(readable == 0):  # a class none of whose files decoded
+      bad = [p for p, y in zip(files.paths, files.labels) if y == c]
+      raise DatasetError(
+          f'class folder {pathlib.Path(config.data_dir) / split / class_names[c]} has no readable '
+          f'images: all {len(bad)} of its image files failed to decode (first: {why(bad[0])}); '
+          'replace them, or remove the class folder from both splits')
   labels = np.asarray(train_files.labels, np.int32)[train_idx]
   keep, held = holdout_split(labels, config.holdout_fraction, config.seed)
   return Dataset(
@@ -445,35 +392,10 @@ def load_dataset(config) -> Dataset:
       class_names=class_names, skipped=skipped)
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of epoch `epoch`: a pure function of (seed, epoch), so a resumed run repeats it."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-# PLR0913: public call of experiments/bench_measure.py and tests/test_input_pipeline.py.
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,  # noqa: PLR0913
-                  start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Full shuffled batches of one epoch from batch `start` on; the remainder waits a reshuffle."""
-  for idx in batch_indices(len(labels), batch_size, seed, epoch, start):
-    yield {'image': images[idx], 'label': labels[idx]}
-
-
 def batch_indices(n: int, batch_size: int, seed: int, epoch: int,
                   start: int = 0) -> Iterator[np.ndarray]:
-  """Each full batch of epoch `epoch` from batch `start` on; the remainder waits a reshuffle."""
-  perm = epoch_permutation(seed, epoch, n)
+  """Each full batch of epoch `epoch` from batch `start` on, a pure function of (seed, epoch);
+  the remainder waits a reshuffle."""
+  perm = np.random.default_rng([seed, epoch]).permutation(n)  # resumed runs repeat the order
   for i in range(start, n // batch_size):
     yield np.sort(perm[i * batch_size:(i + 1) * batch_size])  # sorted: a faster gather
-
-
-def eval_batches(images: np.ndarray, labels: np.ndarray,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Batches padded to `batch_size` (one compiled shape) with a 0/1 mask on the padding."""
-  for start in range(0, len(labels), batch_size):
-    img, lab = images[start:start + batch_size], labels[start:start + batch_size]
-    pad = batch_size - len(lab)
-    yield {
-        'image': np.pad(img, ((0, pad), (0, 0), (0, 0), (0, 0))),
-        'label': np.pad(lab, (0, pad)),
-        'mask': np.concatenate([np.ones(len(lab), np.float32), np.zeros(pad, np.float32)]),
-    }

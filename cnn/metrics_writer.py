@@ -19,11 +19,10 @@ from cnn import lock
 TEARDOWN_TIMEOUT_S = 10.0
 
 
-def has_wandb_credentials() -> bool:
-  if os.environ.get('WANDB_API_KEY'):
-    return True
+def _has_wandb_credentials() -> bool:
   try:
-    return netrc.netrc().authenticators('api.wandb.ai') is not None
+    return bool(os.environ.get('WANDB_API_KEY')) or (
+        netrc.netrc().authenticators('api.wandb.ai') is not None)
   except (FileNotFoundError, netrc.NetrcParseError):
     return False
 
@@ -32,7 +31,7 @@ def resolve_wandb_mode(mode: str) -> str:
   """'' means online with credentials, offline without; says which in one line."""
   if mode:
     return mode
-  if has_wandb_credentials():
+  if _has_wandb_credentials():
     print('W&B: credentials found, logging online (--config.wandb_mode=disabled to turn off)')
     return 'online'
   print('W&B: no credentials (wandb login), logging offline to WORKDIR/wandb; '
@@ -40,18 +39,9 @@ def resolve_wandb_mode(mode: str) -> str:
   return 'offline'
 
 
-def format_epoch(epoch: int, num_epochs: int, m: dict[str, float]) -> str:
-  return (f'epoch {epoch:3d}/{num_epochs}'
-          f'  train loss {m["train_loss"]:.4f} acc {m["train_acc"]:.4f}'
-          f'  |  val loss {m["val_loss"]:.4f} acc {m["val_acc"]:.4f}'
-          f'  |  {m["images_per_second"]:7.1f} img/s  {m["epoch_time_s"]:6.1f} s')
-
-
 class MetricsWriter:
-  """Appends epochs to metrics.jsonl, logs them to W&B (per wandb_mode) and prints one line.
-
-  `enabled=False` (every process but the first of a multi-host run) writes nothing.
-  """
+  """Appends epochs to metrics.jsonl, logs them to W&B (per wandb_mode) and prints one line;
+  with `enabled=False` (every process but the first of a multi-host run) writes nothing."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, enabled: bool = True):
     self._workdir = workdir
@@ -67,7 +57,11 @@ class MetricsWriter:
       return
     with open(os.path.join(self._workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'epoch': epoch, **metrics}) + '\n')
-    print(format_epoch(epoch, self._num_epochs, metrics), flush=True)
+    print(f'epoch {epoch:3d}/{self._num_epochs}'
+          f'  train loss {metrics["train_loss"]:.4f} acc {metrics["train_acc"]:.4f}'
+          f'  |  val loss {metrics["val_loss"]:.4f} acc {metrics["val_acc"]:.4f}'
+          f'  |  {metrics["images_per_second"]:7.1f} img/s  {metrics["epoch_time_s"]:6.1f} s',
+          flush=True)
     if self._run is not None:
       self._run.log({'epoch': epoch, **metrics})
 
@@ -139,18 +133,10 @@ def _init_offline(wandb, workdir: str, kwargs: dict, why: str):
   print(f'warning: W&B online failed ({why}); logging offline to {workdir}/wandb instead, '
         'upload later with `wandb sync`', file=sys.stderr, flush=True)
   # A failed online init can leave its run id taken in wandb's service process: start afresh.
-  _bounded_teardown(wandb)
+  # When that init broke the link to the service, wandb.teardown waits for it forever; wandb
+  # forgets its service before that wait, so giving up after TEARDOWN_TIMEOUT_S is safe (the
+  # next init starts a fresh service, and the stale one exits with this process).
+  teardown = threading.Thread(target=wandb.teardown, name='wandb-teardown', daemon=True)
+  teardown.start()
+  teardown.join(TEARDOWN_TIMEOUT_S)
   return wandb.init(mode='offline', **kwargs)
-
-
-def _bounded_teardown(wandb) -> None:
-  """wandb.teardown(), given up on after TEARDOWN_TIMEOUT_S.
-
-  When the failed init broke the link to wandb's service process (seen with wandb 0.31 and a
-  server answering 401, now and then), the teardown request is lost and teardown waits for
-  that process to exit forever. wandb forgets its service before that wait, so the next init
-  starts a fresh one either way; the stale process exits with this one.
-  """
-  thread = threading.Thread(target=wandb.teardown, name='wandb-teardown', daemon=True)
-  thread.start()
-  thread.join(TEARDOWN_TIMEOUT_S)

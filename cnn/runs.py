@@ -14,6 +14,7 @@ which this module drives through `trainer.Loop`'s two hooks.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -400,6 +401,10 @@ def _train(run: Run, state: trainer.TrainState) -> trainer.TrainState:
   return state
 
 
+# What the run's small files (lock, config.json, metrics.jsonl, summary.json) need at most.
+_SMALL_FILES_BYTES = 2**16
+
+
 @contextlib.contextmanager
 def _workdir(workdir: str) -> Iterator[None]:
   """The workdir, made and locked for this run: process 0 holds the lock for all processes, and
@@ -432,7 +437,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   t_start = time.time()
   config_lib.validate(config)
-  with _workdir(workdir):
+  kept = functools.partial(checkpoints.kept_message, workdir)
+  with errors.disk_full_guard(workdir, _SMALL_FILES_BYTES, kept), _workdir(workdir):
     _check_workdir(config, workdir)
     done = _completed_summary(config, workdir)
     if done is not None:

@@ -2,11 +2,15 @@
 
 Under `wandb agent`, W&B's sweep controller picks each run's values and main.py applies them
 (`agent_config`). Offline, `run_sweep` draws runs from the same YAML with the `sweeps`
-package that W&B's controller runs (random, grid, bayes, hyperband), one run after another,
-in a workdir laid out as cnn.sweep_files describes.
-
+package that W&B's controller runs (random, grid, bayes, hyperband), one run after another.
 Several `run_sweep` processes may share one WORKDIR (file locks): together they draw
 `sweep_count` runs. A run interrupted mid-training is resumed by the next invocation.
+
+    WORKDIR/sweep.json             the effective sweep spec and base config (reruns must match)
+    WORKDIR/sweep_results.jsonl    one line per ended run: params, config, val_acc, state, ...
+    WORKDIR/runs/<run name>/       the run's workdir, plus sweep_run.json written at draw time
+    WORKDIR/report/                plots and summary.md (cnn.sweep_report, which reads these
+                                   files through this module without the engine)
 """
 
 import contextlib
@@ -30,15 +34,79 @@ import yaml
 
 from cnn import atomic
 from cnn import config as config_lib
-from cnn import sweep_files
 
+RESULTS_FILE = 'sweep_results.jsonl'
+SPEC_FILE = 'sweep.json'
+RUNS_DIR = 'runs'
+RUN_FILE = 'sweep_run.json'  # in each run's folder: the drawn values
+REPORT_DIR = 'report'
+RUN_LOCK = '.sweep_run.lock'  # in each run's folder, held while it trains: free = interrupted
+SWEEP_LOCK = '.sweep.lock'  # held while a worker reads or changes what is drawn and ended
 # Redraws when random or bayes proposes values already run: a rerun of identical values with
 # the same seed would only repeat a result.
 _MAX_DRAWS = 50
 
 TrainFn = Callable[..., dict]
 
-SweepError = sweep_files.SweepError
+
+class SweepError(config_lib.ConfigError):
+  """A sweep spec, sweep values or sweep workdir that cannot work; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- the sweep's files
+
+
+def run_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, RUNS_DIR, name)
+
+
+def _read_json(path: str) -> Any:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _read_jsonl(path: str, key: Callable[[dict], Any]) -> list[dict]:
+  """The rows of a JSON-lines file, one per `key` (the last line wins), sorted by it.
+
+  A line that is not JSON is skipped: one cut short by a kill, or being written right now.
+  """
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      rows[key(row)] = row
+  return [rows[k] for k in sorted(rows)]
+
+
+def read_spec(workdir: str) -> dict | None:
+  """sweep.json ({'spec', 'base_config', 'created'}), or None before the sweep's first start."""
+  return _read_json(os.path.join(workdir, SPEC_FILE))
+
+
+def read_results(workdir: str) -> list[dict]:
+  """The ended runs, one per run, by draw index."""
+  rows = _read_jsonl(os.path.join(workdir, RESULTS_FILE), lambda r: r['run'])
+  return sorted(rows, key=lambda r: r['index'])
+
+
+def read_metrics(run_dir_path: str) -> list[dict]:
+  """The epochs of a run's metrics.jsonl, one per epoch, in order."""
+  return _read_jsonl(os.path.join(run_dir_path, 'metrics.jsonl'), lambda r: r['epoch'])
+
+
+def read_claims(workdir: str) -> list[dict]:
+  """Every drawn run's sweep_run.json (ended or not), by draw index."""
+  root = os.path.join(workdir, RUNS_DIR)
+  names = os.listdir(root) if os.path.isdir(root) else []
+  claims = [_read_json(os.path.join(run_dir(workdir, name), RUN_FILE)) for name in names]
+  return sorted((c for c in claims if c is not None), key=lambda c: c['index'])
 
 
 # ---------------------------------------------------------------------------- names and values
@@ -51,12 +119,8 @@ def _plain(value: Any) -> Any:
 
 def apply_sweep_params(config: ml_collections.ConfigDict,
                        params: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with the sweep's values, each checked against its field's type.
-
-  ConfigDict's typed assignment does the checking, and turns 1 into 1.0 for a float field and
-  a list into a tuple for a tuple field. SweepError names an unknown key (with the closest field
-  name) or a value that does not fit its field (0.5 for kernel_size).
-  """
+  """A copy of `config` with the sweep's values; ConfigDict's typed assignment checks each
+  (and turns 1 into 1.0 for a float field, a list into a tuple for a tuple field)."""
   new = config.copy_and_resolve_references()
   for name, value in params.items():
     if name not in new:
@@ -80,12 +144,8 @@ def apply_sweep_params(config: ml_collections.ConfigDict,
 
 
 def load_agent_params(path: str) -> dict[str, Any]:
-  """The values of one agent run, from either file `wandb agent` writes for it.
-
-  `${args_json_file}` (wandb/sweep-ID/config-RUN.json) is a JSON object {parameter: value}, as
-  wandb.sdk.launch.sweeps.utils.create_sweep_command_args dumps it; $WANDB_SWEEP_PARAM_PATH
-  (config-RUN.yaml) is W&B's config file: `wandb_version: 1` and {parameter: {value: v}}.
-  """
+  """The values of one agent run: `${args_json_file}` is a JSON {parameter: value};
+  $WANDB_SWEEP_PARAM_PATH is W&B's config YAML, `wandb_version: 1` and {parameter: {value: v}}."""
   try:
     with open(path) as f:
       text = f.read()
@@ -104,9 +164,7 @@ def agent_config(config: ml_collections.ConfigDict, sweep_params_path: str = '',
                  env: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
   """`config` with the values of a `wandb agent` run applied and the run named after them.
 
-  The values come from `sweep_params_path` (--sweep_params=${args_json_file}), else from
-  $WANDB_SWEEP_PARAM_PATH, which the agent sets for every run whatever the YAML's command;
-  without either the config is returned unchanged.
+  $WANDB_SWEEP_PARAM_PATH is the fallback: the agent sets it whatever the YAML's command.
   """
   env = os.environ if env is None else env
   path = sweep_params_path or env.get('WANDB_SWEEP_PARAM_PATH', '')
@@ -167,12 +225,8 @@ def check_parameters(spec: Mapping[str, Any], config: ml_collections.ConfigDict)
 
 def pin_overrides(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
                   overrides: Sequence[str]) -> dict:
-  """The spec with command-line overrides of single-valued parameters pinned to the config.
-
-  A single value in the YAML records one of the reference's fixed settings (num_epochs 50);
-  `--config.num_epochs=5` on the command line means the user wants 5. Overriding a searched
-  parameter is contradictory and raises SweepError.
-  """
+  """The spec with single-valued parameters set on the command line pinned to the config:
+  `--config.num_epochs=5` beats the YAML's fixed 50. A searched one is a contradiction."""
   spec = _plain(spec)
   for name in overrides:
     p = spec['parameters'].get(name)
@@ -188,11 +242,8 @@ def pin_overrides(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
 
 def check_space(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
                 limit: int = 5000) -> tuple[int, int, str]:
-  """(combinations, rejected, first error) of the spec's values under cnn.config.validate.
-
-  Categorical parameters are enumerated and continuous ones tried at both ends, so a sweep
-  that would draw e.g. kernel 7 on too small an image is announced before anything trains.
-  """
+  """(combinations, rejected, first error) of the spec's values (a range: both ends) under
+  cnn.config.validate: e.g. kernel 7 on too small an image is announced before anything trains."""
   choices = {name: _choices(p) for name, p in spec['parameters'].items()}
   rejected, first = 0, ''
   for values in itertools.islice(itertools.product(*choices.values()), limit):
@@ -213,22 +264,20 @@ def _history(rows: list[dict]) -> list[dict]:
 
 
 def engine_runs(workdir: str, exclude: str = '') -> list:
-  """The sweep's runs as `sweeps.SweepRun`s, with history, as W&B's controller sees them.
-
-  pydantic 2 drops `history=`/`summary_metrics=` given by field name: they go by alias.
-  Runs stopped by hyperband count as finished (their metrics are real; W&B marks a run that
-  exits cleanly after the stop the same way); runs drawn but not ended count as running.
+  """The sweep's runs as `sweeps.SweepRun`s, with history, as W&B's controller sees them:
+  stopped by hyperband counts as finished (as W&B marks a run that exits cleanly after the stop),
+  drawn but not ended as running. pydantic 2 drops history given by field name: it goes by alias.
   """
   import sweeps
   states = {None: sweeps.RunState.running, 'finished': sweeps.RunState.finished,
             'stopped': sweeps.RunState.finished, 'failed': sweeps.RunState.failed}
-  ended = {r['run']: r['state'] for r in sweep_files.read_results(workdir)}
+  ended = {r['run']: r['state'] for r in read_results(workdir)}
   runs = []
-  for claim in sweep_files.read_claims(workdir):
+  for claim in read_claims(workdir):
     name = claim['run']
     if name == exclude:
       continue
-    history = _history(sweep_files.read_metrics(sweep_files.run_dir(workdir, name)))
+    history = _history(read_metrics(run_dir(workdir, name)))
     runs.append(sweeps.SweepRun(
         name=name, state=states[ended.get(name)],
         config={k: {'value': v} for k, v in claim['params'].items()},
@@ -241,16 +290,14 @@ def engine_runs(workdir: str, exclude: str = '') -> list:
 
 @contextlib.contextmanager
 def _locked(path: str, blocking: bool = True) -> Iterator[bool]:
+  """An flock on `path`, released when the file closes; False when taken (non-blocking)."""
   with open(path, 'a') as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
       yield False
       return
-    try:
-      yield True
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    yield True
 
 
 @contextlib.contextmanager
@@ -270,12 +317,9 @@ def _seeded(*entropy: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _wandb_group(group: str, wandb_mode: str) -> Iterator[None]:
-  """The W&B runs started meanwhile go to `group`, with job type 'sweep'.
-
-  The metrics writer starts each run, so the group goes into the settings of wandb's session
-  (wandb.setup), which every wandb.init starts from. wandb.setup cannot unset a setting:
-  wandb.teardown afterwards ends the session, and the next one starts from the environment.
-  """
+  """The W&B runs started meanwhile go to `group`, with job type 'sweep': set in wandb's session
+  (wandb.setup), which every wandb.init starts from; wandb.teardown ends the session, since
+  wandb.setup cannot unset a setting."""
   if wandb_mode == 'disabled':
     yield
     return
@@ -306,27 +350,24 @@ def propose(spec: Mapping[str, Any], runs: list, seed: int, index: int) -> dict 
 
 def _hyperband_callback(spec: Mapping[str, Any], workdir: str, name: str, stop_info: dict
                         ) -> Callable[[int, dict], bool]:
-  """An epoch_callback that asks the engine's hyperband whether this run should stop.
-
-  As W&B's controller does, it passes every run of the sweep with its history; this run's
-  history is its metrics.jsonl (epochs before this one) plus this epoch's metrics.
-  """
+  """An epoch_callback that asks the engine's hyperband, given every run's history as W&B's
+  controller does, whether this run should stop; it records the decision in `stop_info`."""
   import sweeps
   metric = spec['metric']['name']
-  run_dir = sweep_files.run_dir(workdir, name)
+  folder = run_dir(workdir, name)
 
   def callback(epoch: int, metrics: dict) -> bool:
     if metric not in metrics:
       raise SweepError(f'the sweep metric {metric!r} is not among the logged metrics '
                        f'{sorted(metrics)}; set metric.name in the sweep config to one of them')
-    rows = [r for r in sweep_files.read_metrics(run_dir) if r['epoch'] < epoch]
+    rows = [r for r in read_metrics(folder) if r['epoch'] < epoch]
     me = sweeps.SweepRun(name=name, state=sweeps.RunState.running,
                          sampledHistory=_history(rows + [{'epoch': epoch, **metrics}]))
     to_stop = sweeps.stop_runs(dict(spec), engine_runs(workdir, exclude=name) + [me])
     if not any(r.name == name for r in to_stop):
       return False
     # The band that decided: the last one this run's history has passed (W&B's rule).
-    info = me.early_terminate_info or {}
+    info = me.early_terminate_info
     history = me.metric_history(metric, filter_invalid=True)
     band, threshold = [(b, t) for b, t in zip(info['bands'], info['thresholds'])
                        if b < len(history)][-1]
@@ -353,9 +394,9 @@ def _write_json(path: str, data: Any) -> None:
 def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: str,
              claim: dict, train_fn: TrainFn) -> dict:
   """Trains one drawn run and returns its result record; errors become a failed record."""
-  name, run_dir = claim['run'], sweep_files.run_dir(workdir, claim['run'])
+  name, folder = claim['run'], run_dir(workdir, claim['run'])
   record = {'run': name, 'index': claim['index'], 'params': claim['params'],
-            'workdir': os.path.relpath(run_dir, workdir), 'created': claim['created'],
+            'workdir': os.path.relpath(folder, workdir), 'created': claim['created'],
             'config': None, 'state': 'failed', 'error': None, 'best_val_acc': None,
             'final_val_acc': None, 'best_epoch': None, 'epochs': 0, 'num_params': None,
             'hyperband': None}
@@ -369,68 +410,47 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     config_lib.validate(config)
     callback = (_hyperband_callback(spec, workdir, name, stop_info)
                 if 'early_terminate' in spec else None)
-    summary = train_fn(config, run_dir, epoch_callback=callback)
-    record['state'] = 'stopped' if stop_info else 'finished'
-    record['num_params'] = summary.get('num_params')
-    record['wall_time_s'] = summary.get('wall_time_s', time.time() - t0)
+    summary = train_fn(config, folder, epoch_callback=callback)
+    record.update(state='stopped' if stop_info else 'finished',
+                  num_params=summary.get('num_params'))
   except Exception as e:  # noqa: BLE001
     # Any error ends this run only: the sweep goes on, and bayes learns the region is bad.
     record['error'] = f'{type(e).__name__}: {e}'
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'error.txt'), 'w') as f:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'error.txt'), 'w') as f:
       f.write(traceback.format_exc())
     print(f'sweep: run {name} failed: {record["error"]}', flush=True)
     _finish_wandb_run()
-  record.setdefault('wall_time_s', time.time() - t0)
-  rows = sweep_files.read_metrics(run_dir)
+  record['wall_time_s'] = time.time() - t0
+  rows = read_metrics(folder)
   accs = [r['val_acc'] for r in rows if isinstance(r.get('val_acc'), (int, float))]
   if accs:
     best = int(np.argmax(accs))
     record.update(best_val_acc=accs[best], final_val_acc=accs[-1],
                   best_epoch=rows[best]['epoch'], epochs=len(accs))
-  record['hyperband'] = stop_info or None
-  record['ended'] = _now()
+  record.update(hyperband=stop_info or None, ended=_now())
   return record
 
 
 def _finish_wandb_run() -> None:
   """Closes a W&B run left open by a crash: wandb.init would hand it to the next run."""
   wandb = sys.modules.get('wandb')
-  if wandb is not None and getattr(wandb, 'run', None) is not None:
+  if wandb is not None and wandb.run is not None:
     try:
       wandb.finish(exit_code=1)
     except Exception:  # noqa: BLE001
       logging.exception('could not finish the W&B run of a failed sweep run')
 
 
-def _check_spec_file(workdir: str, spec: dict, base: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/sweep.json, or refuses a rerun whose spec or base config differ."""
-  base_d = _plain(base.to_dict())
-  old = sweep_files.read_spec(workdir)
-  if old is None:
-    _write_json(os.path.join(workdir, sweep_files.SPEC_FILE),
-                {'spec': spec, 'base_config': base_d, 'created': _now()})
-    return
-  diffs = [f'sweep spec {old["spec"]} -> {spec}'] if old['spec'] != spec else []
-  base_diff = config_lib.config_diff(config_lib.run_fields(old['base_config']),
-                                     config_lib.run_fields(base_d))
-  diffs += [base_diff] if base_diff else []
-  if diffs:
-    raise SweepError(f'{workdir} holds a sweep started with other settings ({"; ".join(diffs)}).'
-                     f' Continue it with the same command, or use another --workdir')
-
-
 def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep_count: int,
                 stack: contextlib.ExitStack) -> dict | None:
-  """Under the sweep lock: an interrupted run to resume, else a newly drawn one, else None.
-
-  The chosen run's lock is entered on `stack` so other workers see it as running.
-  """
-  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
-    ended = {r['run'] for r in sweep_files.read_results(workdir)}
-    claims = sweep_files.read_claims(workdir)
+  """Under the sweep lock: an interrupted run to resume, else a newly drawn one, else None;
+  the run's lock is entered on `stack`, so other workers see it as running."""
+  with _locked(os.path.join(workdir, SWEEP_LOCK)):
+    ended = {r['run'] for r in read_results(workdir)}
+    claims = read_claims(workdir)
     for claim in claims:
-      run_lock = os.path.join(sweep_files.run_dir(workdir, claim['run']), sweep_files.RUN_LOCK)
+      run_lock = os.path.join(run_dir(workdir, claim['run']), RUN_LOCK)
       if claim['run'] not in ended and stack.enter_context(_locked(run_lock, blocking=False)):
         print(f'sweep: resuming interrupted run {claim["run"]}')
         return claim
@@ -443,23 +463,19 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
       return None
     extra = [k for k, p in spec['parameters'].items()
              if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
-    run_config = apply_sweep_params(base, params)
-    name = config_lib.hyperparameter_name(run_config, extra)
-    if os.path.exists(sweep_files.run_dir(workdir, name)):
+    name = config_lib.hyperparameter_name(apply_sweep_params(base, params), extra)
+    if os.path.exists(run_dir(workdir, name)):
       name += f'_{index + 1}'  # values drawn again once the space is exhausted
     claim = {'run': name, 'index': index, 'params': params, 'created': _now()}
-    run_dir = sweep_files.run_dir(workdir, name)
-    os.makedirs(run_dir)
-    stack.enter_context(_locked(os.path.join(run_dir, sweep_files.RUN_LOCK)))
-    _write_json(os.path.join(run_dir, sweep_files.RUN_FILE), claim)
+    folder = run_dir(workdir, name)
+    os.makedirs(folder)
+    stack.enter_context(_locked(os.path.join(folder, RUN_LOCK)))
+    _write_json(os.path.join(folder, RUN_FILE), claim)
     return claim
 
 
 def _run_header(claim: dict, sweep_count: int, ended: list[dict]) -> str:
-  """`sweep: run 3/20: NAME (2 ended, 10.5 min a run)`: where the whole sweep stands.
-
-  No ETA: other workers (`--mode=sweep` on other machines) share the count.
-  """
+  """`sweep: run 3/20: NAME (2 ended, 10.5 min a run)`; no ETA, as other workers share the count."""
   line = f'sweep: run {claim["index"] + 1}/{sweep_count}: {claim["run"]}'
   walls = [r['wall_time_s'] for r in ended if isinstance(r.get('wall_time_s'), (int, float))]
   if walls:
@@ -469,22 +485,36 @@ def _run_header(claim: dict, sweep_count: int, ended: list[dict]) -> str:
 
 def _append_result(workdir: str, record: dict) -> None:
   # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
-  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
-    with open(os.path.join(workdir, sweep_files.RESULTS_FILE), 'a') as f:
+  with _locked(os.path.join(workdir, SWEEP_LOCK)):
+    with open(os.path.join(workdir, RESULTS_FILE), 'a') as f:
       f.write(json.dumps(_plain(record)) + '\n')
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, spec: dict
              ) -> ml_collections.ConfigDict:
-  """The base config of every run; checks the workdir's sweep.json and the value space."""
+  """The base config of every run; writes WORKDIR/sweep.json, or refuses a rerun whose spec or
+  base config differ, and checks the value space."""
   base = config.copy_and_resolve_references()
   if base.cache_dir:
     base.cache_dir = os.path.abspath(base.cache_dir)
   if base.wandb_mode == '':
     base.wandb_mode = 'offline'  # no W&B server assumed: `wandb sync` uploads the runs later
-  os.makedirs(os.path.join(workdir, sweep_files.RUNS_DIR), exist_ok=True)
-  with _locked(os.path.join(workdir, sweep_files.SWEEP_LOCK)):
-    _check_spec_file(workdir, spec, base)
+  os.makedirs(os.path.join(workdir, RUNS_DIR), exist_ok=True)
+  base_d = _plain(base.to_dict())
+  with _locked(os.path.join(workdir, SWEEP_LOCK)):
+    old = read_spec(workdir)
+    if old is None:
+      _write_json(os.path.join(workdir, SPEC_FILE),
+                  {'spec': spec, 'base_config': base_d, 'created': _now()})
+  if old is not None:
+    diffs = [f'sweep spec {old["spec"]} -> {spec}'] if old['spec'] != spec else []
+    base_diff = config_lib.config_diff(config_lib.run_fields(old['base_config']),
+                                       config_lib.run_fields(base_d))
+    diffs += [base_diff] if base_diff else []
+    if diffs:
+      raise SweepError(f'{workdir} holds a sweep started with other settings '
+                       f'({"; ".join(diffs)}). Continue it with the same command, or use another '
+                       '--workdir')
   total, rejected, first = check_space(spec, base)
   if rejected:
     print(f'sweep: warning: {rejected} of {total} value combinations are rejected by the config '
@@ -498,10 +528,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
               report: bool = True) -> list[dict]:
   """Runs the sweep of `sweep_config_path` offline in `workdir` until it holds `sweep_count`
   runs (a grid also ends when exhausted); returns all result records, best first.
-
-  `overrides`: the config fields set on the command line, which win over the YAML's
-  single-valued parameters. `train_fn` defaults to cnn.runs.train_and_evaluate.
-  """
+  `overrides` are the fields set on the command line (see pin_overrides)."""
   if train_fn is None:
     from cnn import runs
     train_fn = runs.train_and_evaluate
@@ -519,14 +546,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
         claim = _next_claim(workdir, spec, base, sweep_count, stack)
         if claim is None:
           break
-        print(_run_header(claim, sweep_count, sweep_files.read_results(workdir)), flush=True)
+        print(_run_header(claim, sweep_count, read_results(workdir)), flush=True)
         record = _run_one(base, spec, workdir, claim, train_fn)
         _append_result(workdir, record)
       acc = record['best_val_acc']
       print(f'sweep: {record["run"]}: {record["state"]}'
             + (f', best val_acc {acc:.4f} at epoch {record["best_epoch"]}' if acc is not None
                else ''), flush=True)
-  results = sweep_files.read_results(workdir)
+  results = read_results(workdir)
   done = sum(r['state'] != 'failed' for r in results)
   print(f'sweep: {len(results)} runs in {workdir} ({done} trained, {len(results) - done} failed)')
   if report:

@@ -26,11 +26,9 @@ import numpy as np
 from cnn import atomic
 from cnn import config as config_lib
 from cnn import figures
-from cnn import sweep_files
+from cnn import sweep
 
 TOP_RUNS = 10
-# Trimmed to the drawing, on the figure's own background.
-_SAVEFIG = {'dpi': 120, 'facecolor': 'auto', 'bbox_inches': 'tight'}
 
 
 def searched_parameters(spec: dict) -> list[dict]:
@@ -47,6 +45,10 @@ def searched_parameters(spec: dict) -> list[dict]:
 
 def _scored(records: Sequence[dict]) -> list[dict]:
   return [r for r in records if r.get('best_val_acc') is not None]
+
+
+def _ranked(records: Sequence[dict]) -> list[dict]:
+  return sorted(_scored(records), key=lambda r: -r['best_val_acc'])
 
 
 # ---------------------------------------------------------------------------- importance
@@ -71,12 +73,8 @@ def _features(records: Sequence[dict], params: Sequence[dict]) -> tuple[list[str
 
 def parameter_importance(records: Sequence[dict], params: Sequence[dict],
                          seed: int = 0) -> list[dict]:
-  """[{feature, importance, correlation}] over the runs that have a val_acc, by importance.
-
-  Importance: a random forest's impurity importances, fitted on val_acc (None under 3 runs).
-  Correlation: Pearson's r of the feature with val_acc. Constant features are left out, and
-  with fewer than 2 runs there is nothing to compare.
-  """
+  """[{feature, importance, correlation}] of the varying features, by importance: a random
+  forest's impurity importance fitted on val_acc (None under 3 runs), and Pearson's r."""
   from sklearn.ensemble import RandomForestRegressor
   runs = _scored(records)
   if len(runs) < 2:
@@ -107,7 +105,7 @@ def _save(fig: Figure, path: str, empty: str = '') -> None:
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, empty, ha='center', va='center')
     ax.set_axis_off()
-  figures.save(fig, path, **_SAVEFIG)
+  figures.save(fig, path, dpi=120, facecolor='auto', bbox_inches='tight')
 
 
 def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
@@ -211,7 +209,7 @@ def plot_parameter_importance(rows: Sequence[dict], path: str) -> None:
 
 def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> None:
   fig = Figure(figsize=(8, 4.5))
-  curves = [(r, sweep_files.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
+  curves = [(r, sweep.read_metrics(os.path.join(workdir, r['workdir']))) for r in records]
   curves = [(r, rows) for r, rows in curves if rows]
   if not curves:
     return _save(fig, path, 'no run has logged an epoch yet')
@@ -232,10 +230,8 @@ def plot_val_acc_curves(records: Sequence[dict], workdir: str, path: str) -> Non
 
 
 def best_config_block(record: dict, sweep_name: str = '') -> str:
-  """The best run's config as a configs/*.py module: default.get_config() plus its changes.
-
-  The changes are found against cnn.config.default_config(), which default.get_config() is.
-  """
+  """The best run's config as a configs/*.py module: default.get_config() (which is
+  cnn.config.default_config()) plus its changes."""
   defaults = config_lib.default_config()
   lines = []
   for key, value in record['config'].items():
@@ -262,9 +258,9 @@ def _cell(value: Any) -> str:
 
 
 def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[dict],
-                     images: dict[str, str]) -> str:
+                     images: dict[str, str], best_block: str) -> str:
   params = searched_parameters(spec)
-  ranked = sorted(_scored(records), key=lambda r: -r['best_val_acc'])
+  ranked = _ranked(records)
   states = {s: sum(r['state'] == s for r in records) for s in ('finished', 'stopped', 'failed')}
   metric = spec.get('metric', {})
   name = spec.get('name', '')
@@ -282,12 +278,12 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
              r['epochs'], r['state'], (r.get('wall_time_s') or 0) / 60]
     cells += [r['params'].get(p['name']) for p in params]
     out.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
-  if ranked:
+  if best_block:
     out += ['', '## Best config', '',
             f'Save as `configs/best_sweep.py` (also written to '
-            f'`{sweep_files.REPORT_DIR}/best_config.py`) and train with '
+            f'`{sweep.REPORT_DIR}/best_config.py`) and train with '
             f'`python main.py --config=configs/best_sweep.py --workdir=WORKDIR`:', '',
-            '```python', best_config_block(ranked[0], name).rstrip(), '```']
+            '```python', best_block.rstrip(), '```']
   if importance:
     out += ['', '## Parameter importance (val_acc)', '',
             '| parameter | importance | correlation |', '|---|---|---|']
@@ -305,11 +301,11 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
 
 def write_report(workdir: str) -> dict[str, str]:
   """Writes WORKDIR/report/ from the sweep's files and the runs' metrics; returns the paths."""
-  records = sweep_files.read_results(workdir)
-  spec = sweep_files.read_spec(workdir)['spec']
+  records = sweep.read_results(workdir)
+  spec = sweep.read_spec(workdir)['spec']
   params = searched_parameters(spec)
   importance = parameter_importance(records, params)
-  out_dir = os.path.join(workdir, sweep_files.REPORT_DIR)
+  out_dir = os.path.join(workdir, sweep.REPORT_DIR)
   paths = {name: os.path.join(out_dir, f'{name}.png') for name in (
       'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}
   plot_val_acc_vs_created(records, paths['val_acc_vs_created'])
@@ -317,12 +313,12 @@ def write_report(workdir: str) -> dict[str, str]:
   plot_parameter_importance(importance, paths['parameter_importance'])
   plot_val_acc_curves(records, workdir, paths['val_acc_curves'])
   images = {name.replace('_', ' '): path for name, path in paths.items()}
-  summary = summary_markdown(records, spec, importance, images)
+  ranked = _ranked(records)
+  block = best_config_block(ranked[0], spec.get('name', '')) if ranked else ''
+  summary = summary_markdown(records, spec, importance, images, block)
   paths['summary'] = os.path.join(out_dir, 'summary.md')
   atomic.atomic_write(paths['summary'], lambda f: f.write(summary))
-  ranked = sorted(_scored(records), key=lambda r: -r['best_val_acc'])
-  if ranked:
-    block = best_config_block(ranked[0], spec.get('name', ''))
+  if block:
     paths['best_config'] = os.path.join(out_dir, 'best_config.py')
     atomic.atomic_write(paths['best_config'], lambda f: f.write(block))
   print(f'sweep report: {out_dir}/ ({len(records)} runs'
@@ -336,11 +332,9 @@ def run_sweep_report(config: ml_collections.ConfigDict, workdir: str,
   """--mode=sweep_report: the report of the sweep in `workdir` (the config is not needed)."""
   del config
   if argv_rest:
-    raise sweep_files.SweepError(
-        f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
-  if not os.path.exists(os.path.join(workdir, sweep_files.RESULTS_FILE)):
-    raise sweep_files.SweepError(
-        f'no {sweep_files.RESULTS_FILE} in {workdir}: run a sweep there first '
-        f'(--mode=sweep --sweep_config=configs/sweep.yaml)')
+    raise sweep.SweepError(f'--mode=sweep_report takes no positional arguments, got {argv_rest}')
+  if not os.path.exists(os.path.join(workdir, sweep.RESULTS_FILE)):
+    raise sweep.SweepError(f'no {sweep.RESULTS_FILE} in {workdir}: run a sweep there first '
+                           '(--mode=sweep --sweep_config=configs/sweep.yaml)')
   write_report(workdir)
   return 0

@@ -142,7 +142,7 @@ def run_child(task: Task, s: dict, timeout_s: float, logs) -> list[dict]:
   if task.part == 'e2e':
     records = bench_harness.run_once('ours_e2e', {**cell, 'epochs': 2}, logs(task.name),
                                      env=CHILD_ENV, timeout=timeout_s)
-    return [{**cell, 'variant': 'e2e', **r} for r in records[-1:]]
+    return [{**cell, 'variant': 'e2e', **r} for r in (records or [{'error': 'no record'}])[-1:]]
   variant_args = {**VARIANT_ARGS, 'compile': {'compile': s['torch_compile_backend']}}
   workers = {v: bench_harness.StepWorker({**cell, **variant_args[v]},
                                          lambda v=v: logs(f'{task.name} {v}'), CHILD_ENV)

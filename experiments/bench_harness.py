@@ -93,7 +93,8 @@ class Child:
 
   def _read(self) -> None:
     for line in self.proc.stdout:
-      self._records.put(json.loads(line))
+      with contextlib.suppress(json.JSONDecodeError):  # a library's stray print
+        self._records.put(json.loads(line))
     self._records.put(None)
 
   def send(self, request) -> None:
@@ -144,7 +145,7 @@ def run_once(measure: str, args: dict, log_path: str, *, env: dict | None = None
   try:
     while (r := child.recv(max(0.0, end - time.monotonic()))) is not None:
       records.append(r)
-      if 'error' in r and 'variant' not in r:
+      if 'error' in r:
         break
   finally:
     child.close()
@@ -198,8 +199,7 @@ class StepWorker:
       self.child = None
 
   def summary(self) -> dict:
-    """The record with its medians over rounds, images/s and compile_s (the first step's time
-    less a later one's)."""
+    """The record with its medians over rounds, images/s and compile_s (first step - median)."""
     r = self.record
     if problem(r):
       return r

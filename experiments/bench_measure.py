@@ -283,10 +283,8 @@ def _random_dataset(n_train: int, n_holdout: int, size: int):
   """An input_pipeline.Dataset of random images in memory (no files, no cache)."""
   from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
   train, holdout = random_images(n_train, size, seed=1), random_images(n_holdout, size, seed=2)
-  return input_pipeline.Dataset(
-      *train, *holdout, test_images=np.zeros((0, size, size, 3), np.uint8),
-      test_labels=np.zeros(0, np.int32), test_paths=[],
-      class_names=[f'class{i}' for i in range(CLASSES)], skipped=[])
+  return input_pipeline.Dataset(*train, *holdout, *random_images(0, size), test_paths=[],
+                                class_names=[f'class{i}' for i in range(CLASSES)], skipped=[])
 
 
 def _later_epochs(ends: list[tuple[float, dict]]) -> dict:

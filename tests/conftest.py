@@ -6,8 +6,10 @@ import os
 import pathlib
 import shutil
 import struct
+import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -220,3 +222,49 @@ def distinct(starts: list[int], tol: int = 5) -> int:
     if not out or s - out[-1] > tol:
       out.append(s)
   return len(out)
+
+
+class Disk(NamedTuple):
+  """A folder on a small tmpfs: a real disk that fills up."""
+  path: pathlib.Path
+
+  def resize(self, size: str) -> None:
+    assert _mount_tmpfs(self.path, f'remount,size={size}')
+
+
+def _mount_tmpfs(path: pathlib.Path, options: str) -> bool:
+  cmd = ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)]
+  return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+_NO_MOUNT = 'a tmpfs needs root or `unshare -rm` to mount, and neither works here'
+
+
+def _rerun_unshared(request, tmp_path: pathlib.Path) -> None:
+  """Runs the test again as root of a user and mount namespace of its own (`unshare -rm`)."""
+  if os.environ.get('CNN_TEST_UNSHARED') or not shutil.which('unshare') or subprocess.run(
+      ['unshare', '-rm', 'true'], capture_output=True).returncode:
+    pytest.skip(_NO_MOUNT)
+  cmd = ['unshare', '-rm', sys.executable, '-m', 'pytest', '-n', '0', '-q', '-rs',
+         '-p', 'no:cacheprovider', f'--basetemp={tmp_path / "unshared"}', request.node.nodeid]
+  run = subprocess.run(cmd, capture_output=True, text=True, cwd=request.config.rootpath,
+                       env={**os.environ, 'CNN_TEST_UNSHARED': '1'}, timeout=600)
+  if run.returncode == 0 and ' passed' not in run.stdout:
+    pytest.skip(_NO_MOUNT)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.fixture
+def small_disk(request, tmp_path):
+  """A Disk of 1 MiB, unmounted after the test. None when the test has just run (and passed)
+  as root of a user namespace of its own, where a non-root user can mount one."""
+  path = tmp_path / 'disk'
+  path.mkdir()
+  if not _mount_tmpfs(path, 'size=1m'):
+    _rerun_unshared(request, tmp_path)
+    yield None
+    return
+  try:
+    yield Disk(path)
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=True)

@@ -20,7 +20,7 @@ CPU_SCRIPT = ROOT / 'experiments' / 'benchmark.py'
 GPU_SCRIPT = ROOT / 'experiments' / 'bench_gpu.py'
 FRAMEWORKS = ('ours', 'ours_bf16', 'flax_nn_conv', 'keras', 'torch')
 # The smallest images the benchmarks' network takes: five VALID 3x3 convolutions and pools.
-TINY = ['--sizes=96', '--batch_size=4', '--rounds=2', '--steps_per_round=1', '--e2e_size=96',
+TINY = ['--sizes=96', '--batch_size=4', '--rounds=1', '--steps_per_round=1', '--e2e_size=96',
         '--e2e_epochs=2', f'--frameworks={",".join(FRAMEWORKS)}']
 
 
@@ -49,7 +49,7 @@ def _check_cpu(out: dict, stdout: str) -> None:
   for fw, r in steps.items():
     _figure_or_not_installed(r, fw, 'images_per_s', f'train step {fw}')
     if 'images_per_s' in r:
-      assert r['compile_s'] >= 0 and len(r['wall_s']) == 2 and len(r['first_step_s']) == 1
+      assert r['compile_s'] >= 0 and len(r['wall_s']) == len(r['first_step_s']) == 1
       assert r['device_kind'] if fw in bench_measure.OURS else True
   for part, fw, key in (('input_pipeline', 'ours', 'cold_images_per_s'),
                         ('input_pipeline', 'keras', 'images_per_s'),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from cnn import count
+from cnn import errors
 from cnn import models
 from configs import default
 from configs import optimal
@@ -81,7 +82,8 @@ def test_reference_optimal_config_has_446730_parameters(capsys):
   rows = count.layer_costs(models.create_model(config, 10), config.image_size)
   t = count.totals(rows)
   assert (t['params'], t['batch_stats']) == (446_730, 896)
-  assert count.run_count(config, '', ['x']) == 2
+  with pytest.raises(errors.UserError, match='positional'):
+    count.run_count(config, '', ['x'])
   assert count.run_count(config, '', []) == 0
   out = capsys.readouterr().out
   assert 'Parameters: 446,730 (+ 896 batch-norm' in out
@@ -118,7 +120,7 @@ def test_single_ops_cost_exactly_two_flops_per_mac_in_xla(padding):
   conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   out = 40 if padding == 'SAME' else 36
-  textbook, inside = count.conv_macs((40, 40), (out, out), 5, 3, 8, padding)
+  textbook, inside = count.conv_macs((40, 40), (out, out), (5, 5, 3, 8), padding)
   assert textbook == out * out * 25 * 3 * 8
   assert _xla_flops(conv, x, w) == 2 * inside
   if padding == 'SAME':

@@ -98,10 +98,11 @@ def test_figures_exist_with_the_expected_grids(evaluated):
   assert len(boxes) == 4 + 1
 
 
-def test_wrong_positional_args_and_foreign_data(evaluated, tmp_path, capsys):
+def test_wrong_positional_args_and_foreign_data(evaluated, tmp_path):
   workdir, _, _ = evaluated
   config = checkpoints.load_run_config(workdir)
-  assert evaluate.run_evaluate(config, workdir, ['extra']) == 2
+  with pytest.raises(errors.UserError, match='positional'):
+    evaluate.run_evaluate(config, workdir, ['extra'])
   # Test images whose classes are not the ones the model learned: refused with a clear message.
   other = tmp_path / 'other'
   for split in ('train', 'val'):
@@ -109,8 +110,9 @@ def test_wrong_positional_args_and_foreign_data(evaluated, tmp_path, capsys):
       (other / split / name).mkdir(parents=True)
       Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / split / name / 'a.png')
   config.data_dir, config.cache_dir = str(other), str(tmp_path / 'cache')
-  assert evaluate.run_evaluate(config, workdir, []) == 2
-  assert "classes ['cats', 'dogs'], but the model" in capsys.readouterr().err
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r"classes \['cats', 'dogs'\], but the model"):
+    evaluate.run_evaluate(config, workdir, [])
 
 
 def test_evaluate_without_a_checkpoint_says_so(tiny_config, tmp_path):

@@ -61,8 +61,8 @@ def test_predictions_grid_png_has_one_framed_panel_per_image(tmp_path):
   probs[::3, :] = 0.01
   probs[np.arange(0, 40, 3), labels[::3]] = 0.91  # every third image confidently right
   grid = figures.predictions_grid_indices(labels, 10, seed=0)
-  path = figures.plot_predictions_grid(images, labels, probs, names, grid,
-                                       tmp_path / 'grid.png', title='t')
+  path = figures.plot_predictions_grid(figures.GridData(images, labels, probs, names), grid,
+                                       tmp_path / 'grid.png', 't')
   img = read_png(path)
   assert img.shape[1] == round((2.5 * 3 + 1.5) * figures.DPI)  # 3 columns of 2.5 in + labels
   assert img.shape[0] > 10 * 3.55 * figures.DPI  # 10 rows of 3.55 in + the heading
@@ -81,8 +81,8 @@ def test_predictions_grid_with_fewer_images_than_cells(tmp_path):
   probs = np.eye(2)[[0, 0, 1, 0, 1]] * 0.8 + 0.1
   images = np.full((5, 16, 16, 3), 128, np.uint8)
   grid = figures.predictions_grid_indices(labels, 2, seed=0)  # 2 x 6, seven cells empty
-  img = read_png(figures.plot_predictions_grid(images, labels, probs, ['a', 'b'], grid,
-                                               tmp_path / 'g.png'))
+  img = read_png(figures.plot_predictions_grid(figures.GridData(images, labels, probs, ['a', 'b']),
+                                               grid, tmp_path / 'g.png', 't'))
   assert len(panels(colour_mask(img, figures.CORRECT), 100)) == 4
   assert len(panels(colour_mask(img, figures.WRONG), 100)) == 1
 
@@ -105,7 +105,7 @@ def test_activations_png_shows_the_image_and_every_map(tmp_path):
   maps = rng.uniform(0, 1, (30, 30, 12))
   maps[..., 5] = 0.0  # a dead filter still gets its (dark) panel
   image = rng.integers(0, 200, (32, 32, 3)).astype(np.uint8)
-  img = read_png(figures.plot_first_layer_activations(image, maps, tmp_path / 'a.png'))
+  img = read_png(figures.plot_first_layer_activations(image, maps, tmp_path / 'a.png', 't', 'c'))
   boxes = panels(np.any(img < 245, axis=-1), 80)
   sides = sorted(b[1].stop - b[1].start for b in boxes)
   assert len(boxes) == 12 + 1
@@ -117,7 +117,7 @@ def test_activations_png_shows_the_image_and_every_map(tmp_path):
 
 def test_confusion_matrix_png(tmp_path):
   cm = np.array([[5, 1, 0], [0, 6, 0], [2, 0, 4]])
-  img = read_png(figures.plot_confusion_matrix(cm, ['a', 'b', 'c'], tmp_path / 'cm.png'))
+  img = read_png(figures.plot_confusion_matrix(cm, ['a', 'b', 'c'], tmp_path / 'cm.png', 't'))
   size = max(6.0, 0.75 * 3 + 3.0)
   assert img.shape[:2] == (round(size * figures.DPI), round((size + 1.2) * figures.DPI))
   # The darkest cell is the row-normalised 100% one (b -> b): Blues' end colour, 8,48,107.

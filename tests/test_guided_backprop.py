@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnn import guided_backprop as gb
-from cnn import guided_backprop_figures as figures
+from cnn import figures
 from cnn import models
 
 RULES = ('vanilla', 'guided', 'deconvnet')
@@ -405,14 +405,11 @@ def test_figures_are_written(tmp_path):
   neurons = gb.choose_neurons(acts, 3)
   boxes = gb.neuron_boxes(model, 'conv2', neurons, (20, 20))
   maps = {r: gb.neuron_gradients(model, variables, image, 'conv2', neurons, r) for r in RULES}
-  u8 = np.asarray(image * 255, np.uint8)
-  paths = [
-      figures.neuron_figure(u8, maps['guided'], neurons, boxes, layer='conv2', method='guided',
-                            path=str(tmp_path / 'a' / 'guided.png')),
-      figures.comparison_figure(u8, maps, neurons, boxes, layer='conv2',
-                                path=str(tmp_path / 'comparison.png')),
-      figures.grad_cam_figure(u8, gb.guided_grad_cam(model, variables, image), class_name='x',
-                              path=str(tmp_path / 'gradcam.png'))]
+  result = gb.Explanation(np.asarray(image * 255, np.uint8), 'conv2', neurons, boxes, maps,
+                          gb.guided_grad_cam(model, variables, image))
+  paths = [figures.neuron_figure(result, 'guided', str(tmp_path / 'a' / 'guided.png'), 'title'),
+           figures.comparison_figure(result, str(tmp_path / 'comparison.png')),
+           figures.grad_cam_figure(result, 'x', str(tmp_path / 'gradcam.png'))]
   shapes = []
   for path in paths:
     png = mpimg.imread(path)
@@ -518,6 +515,7 @@ def _check_command_line(workdir, out, res):
 def _check_bad_settings(config, workdir):
   """Settings that cannot work fail with a message saying what to change."""
   from cnn import config as config_lib
+  from cnn import errors
 
   config.guided_bp_layer = 'conv5'
   with pytest.raises(config_lib.ConfigError, match='conv1..conv2'):
@@ -527,7 +525,7 @@ def _check_bad_settings(config, workdir):
   config.activation = 'gelu'  # as if the run had been trained with gelu
   with pytest.raises(config_lib.ConfigError, match='ReLU networks only'):
     gb.run_guided_bp(config, workdir, [])
-  with pytest.raises(config_lib.ConfigError, match='positional'):
+  with pytest.raises(errors.UserError, match='positional'):
     gb.run_guided_bp(config, workdir, ['extra'])
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnn import checkpoints
+from cnn import errors
 from cnn import input_pipeline
 from cnn import models
 from cnn import predict
@@ -60,17 +61,17 @@ def test_predict_files_top3_and_a_per_file_error(trained, inputs):
   good, corrupt, _ = inputs
   model, variables, names, _ = checkpoints.load_best_model(config, workdir)
   assert names == ['blue', 'green', 'red']
-  results = predict.predict_files(model, variables, names, [good[0], corrupt, good[1]],
-                                  config.image_size, batch_size=2)
-  assert [r.path for r in results] == [good[0], corrupt, good[1]]
-  assert results[1].error.startswith('not a readable image') and not results[1].top
-  assert '{{' not in results[1].error and '[Op:' not in results[1].error
+  config.eval_batch_size = 2
+  results = predict.predict_files(model, variables, names, [good[0], corrupt, good[1]], config)
+  assert [r['path'] for r in results] == [good[0], corrupt, good[1]]
+  assert set(results[1]) == {'path', 'error'}
+  assert results[1]['error'].startswith('not a readable image')
   for r in (results[0], results[2]):
-    assert not r.error
-    expected = _expected_probs(config, workdir, r.path)
+    assert set(r) == {'path', 'top'}
+    expected = _expected_probs(config, workdir, r['path'])
     order = np.argsort(-expected)
-    assert [c for c, _ in r.top] == [names[k] for k in order]
-    np.testing.assert_allclose([p for _, p in r.top], expected[order], atol=1e-6)
+    assert [t['class'] for t in r['top']] == [names[k] for k in order]
+    np.testing.assert_allclose([t['probability'] for t in r['top']], expected[order], atol=1e-6)
 
 
 def test_run_predict_lines_and_json(trained, inputs, capsys):
@@ -105,7 +106,8 @@ def test_run_predict_exit_status_when_nothing_is_readable(trained, inputs, tmp_p
                              json_output=False) == 1
   err = capsys.readouterr().err
   assert 'none of the 2 inputs could be predicted' in err and 'no such file' in err
-  assert predict.run_predict(config, workdir, [], json_output=False) == 2
+  with pytest.raises(errors.UserError, match='needs image files'):
+    predict.run_predict(config, workdir, [], json_output=False)
 
 
 def test_main_predict_json_exit_status(trained, inputs):

@@ -264,6 +264,74 @@ def test_a_workdir_with_another_run_is_refused_unless_new_run_keeps_the_old_one(
   assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
 
 
+def _main(config, workdir, **fields):
+  """`python main.py` on `config` with `fields` changed: (status, stdout, stderr)."""
+  flags = [f'--config.{k}={v}' for k, v in {**config.to_dict(), **fields}.items()
+           if not isinstance(v, (tuple, list)) and v != '']
+  r = subprocess.run([sys.executable, 'main.py', '--config=configs/default.py',
+                      f'--workdir={workdir}', *flags], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  return r.returncode, r.stdout, r.stderr
+
+
+def _train_losses(workdir):
+  return [json.loads(line)['train_loss']
+          for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_a_full_disk_is_one_error_line_and_the_same_command_then_resumes_exactly(
+    config, small_disk, tmp_path):
+  if small_disk is None:
+    return  # it ran, and passed, in a user namespace of its own (the fixture says why)
+  config.update(num_epochs=3, batch_norm=True, data_aug=True, early_stopping_patience=0)
+  status, _, err = _main(config, tmp_path / 'straight')
+  assert status == 0, err[-2000:]
+  workdir = small_disk.path / 'run'
+  status, _, err = _main(config, workdir, num_epochs=1)
+  assert status == 0, err[-2000:]
+  filler = small_disk.path / 'filler'  # everything but 40 KiB: less than a checkpoint needs
+  filler.write_bytes(b'\0' * (os.statvfs(small_disk.path).f_bavail
+                              * os.statvfs(small_disk.path).f_frsize - 40 * 1024))
+  status, _, err = _main(config, workdir)
+  assert status == 2
+  assert len(err.splitlines()) == 1, err
+  (line,) = err.splitlines()
+  assert line.startswith(f'error: no space left on the disk of {workdir}'), line
+  assert 'MiB free, about ' in line and 'the last good checkpoint (step 6) is kept' in line, line
+  filler.unlink()
+  status, _, err = _main(config, workdir)
+  assert status == 0, err[-2000:]
+  assert not list(small_disk.path.rglob('*tmp*'))
+  assert _train_losses(workdir) == _train_losses(tmp_path / 'straight')
+
+
+def test_a_second_run_on_a_live_runs_workdir_is_refused_and_touches_nothing(config, tmp_path):
+  """A live run holds the lock (a child holding it stands in for one mid-training)."""
+  from cnn import lock
+  workdir = tmp_path / 'run'
+  status, _, err = _main(config, workdir)
+  assert status == 0, err[-2000:]
+  holder = subprocess.Popen([sys.executable, '-c', (
+      'import sys, time; sys.path.insert(0, sys.argv[1]); from cnn import lock\n'
+      'with lock.hold(sys.argv[2]):\n  print("held", flush=True); time.sleep(60)'),
+      ROOT, str(workdir)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    before = _files(workdir)
+    status, out, err = _main(config, workdir, num_epochs=2)
+    assert status == 2 and out == ''
+    (line,) = err.splitlines()
+    assert line.startswith(f'error: {workdir} is in use by another training run (pid '
+                           f'{holder.pid} on host '), line
+    assert _files(workdir) == before  # byte for byte
+    assert lock.holder(str(workdir))['pid'] == holder.pid
+  finally:
+    holder.kill()
+    holder.wait()
+  status, out, err = _main(config, workdir, num_epochs=2)  # killed: the next run takes over
+  assert status == 0 and 'taking over' in out, err[-2000:]
+
+
 # ---------------------------------------------------------------------------- W&B
 
 

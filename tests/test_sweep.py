@@ -26,7 +26,6 @@ from tests import conftest
 from cnn import config as config_lib
 from cnn import models
 from cnn import sweep
-from cnn import sweep_files
 from configs import default
 from configs import optimal
 from configs import tuned
@@ -81,7 +80,7 @@ def analytic_train(config, workdir, *, epoch_callback=None):
 
 
 def results_lines(workdir) -> list[dict]:
-  with open(os.path.join(workdir, sweep_files.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, sweep.RESULTS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -290,7 +289,7 @@ def test_engine_runs_carry_the_history_that_bayes_uses(tmp_path):
   workdir = str(tmp_path / 'w')
   sweep.run_sweep(analytic_base(), workdir, sweep_config_path=write_spec(tmp_path / 's.yaml', spec),
                   sweep_count=4, overrides=(), train_fn=analytic_train, report=False)
-  records = {r['run']: r for r in sweep_files.read_results(workdir)}
+  records = {r['run']: r for r in sweep.read_results(workdir)}
   runs = sweep.engine_runs(workdir)
   assert sorted(r.name for r in runs) == sorted(records)
   best = []
@@ -373,7 +372,7 @@ def test_an_interrupted_run_is_resumed_by_the_next_invocation(tmp_path):
   assert [r['params']['kernel_size'] for r in records] == [3, 5, 7]
   assert [r['state'] for r in records] == ['finished'] * 3
   assert calls == [3, 5, 5, 7]
-  assert len(os.listdir(os.path.join(workdir, sweep_files.RUNS_DIR))) == 3  # resumed in place
+  assert len(os.listdir(os.path.join(workdir, sweep.RUNS_DIR))) == 3  # resumed in place
 
 
 # The analytic run's functions are copied in by source: a test module is never imported.
@@ -412,7 +411,7 @@ def test_two_workers_share_one_sweep_directory(tmp_path):
   assert len(records) == 6  # together exactly sweep_count runs
   assert sorted(r['index'] for r in records) == list(range(6))
   assert len({r['run'] for r in records}) == 6
-  assert len(os.listdir(workdir / sweep_files.RUNS_DIR)) == 6
+  assert len(os.listdir(workdir / sweep.RUNS_DIR)) == 6
   assert all('sweep: run ' in out for out in outputs), outputs  # both drew runs
 
 

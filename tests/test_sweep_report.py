@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 from cnn import config as config_lib
-from cnn import sweep_files
+from cnn import sweep
 from cnn import sweep_report
 from configs import default
 
@@ -45,7 +45,7 @@ def synthetic_records(n: int = 12) -> list[dict]:
         'run': name, 'index': i, 'params': params, 'config': config, 'state': 'finished',
         'error': None, 'best_val_acc': acc, 'final_val_acc': acc - 0.01, 'best_epoch': 2,
         'epochs': 3, 'num_params': 1000, 'hyperband': None, 'wall_time_s': 60.0 * (i + 1),
-        'workdir': os.path.join(sweep_files.RUNS_DIR, name),
+        'workdir': os.path.join(sweep.RUNS_DIR, name),
         'created': (start + datetime.timedelta(minutes=5 * i)).isoformat(),
         'ended': (start + datetime.timedelta(minutes=5 * i + 4)).isoformat()})
   return records
@@ -53,9 +53,9 @@ def synthetic_records(n: int = 12) -> list[dict]:
 
 def write_sweep(workdir, records: list[dict], spec: dict = SPEC) -> None:
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, sweep_files.SPEC_FILE), 'w') as f:
+  with open(os.path.join(workdir, sweep.SPEC_FILE), 'w') as f:
     json.dump({'spec': spec, 'base_config': default.get_config().to_dict()}, f)
-  with open(os.path.join(workdir, sweep_files.RESULTS_FILE), 'w') as f:
+  with open(os.path.join(workdir, sweep.RESULTS_FILE), 'w') as f:
     for r in records:
       f.write(json.dumps(r) + '\n')
   for r in records:
@@ -123,10 +123,10 @@ def test_report_files_and_summary(tmp_path):
   records.append({**records[0], 'run': 'broken', 'index': 12, 'state': 'failed',
                   'best_val_acc': None, 'final_val_acc': None, 'best_epoch': None, 'epochs': 0,
                   'error': 'ConfigError: image_size=32 is too small\nmore', 'config': None,
-                  'workdir': os.path.join(sweep_files.RUNS_DIR, 'broken')})
+                  'workdir': os.path.join(sweep.RUNS_DIR, 'broken')})
   write_sweep(workdir, records)
   assert sweep_report.run_sweep_report(None, workdir, []) == 0
-  report = os.path.join(workdir, sweep_files.REPORT_DIR)
+  report = os.path.join(workdir, sweep.REPORT_DIR)
   for name in ('val_acc_vs_created', 'parallel_coordinates', 'parameter_importance',
                'val_acc_curves'):
     with Image.open(os.path.join(report, f'{name}.png')) as img:
@@ -176,18 +176,18 @@ def test_report_with_only_failed_runs_still_writes_everything(tmp_path):
 
 
 def test_run_sweep_report_needs_a_sweep(tmp_path):
-  with pytest.raises(sweep_files.SweepError, match='no sweep_results.jsonl'):
+  with pytest.raises(sweep.SweepError, match='no sweep_results.jsonl'):
     sweep_report.run_sweep_report(None, str(tmp_path), [])
-  with pytest.raises(sweep_files.SweepError, match='no positional arguments'):
+  with pytest.raises(sweep.SweepError, match='no positional arguments'):
     sweep_report.run_sweep_report(None, str(tmp_path), ['extra'])
 
 
-def test_the_report_reads_the_sweep_files_without_importing_the_sweep_or_configs():
+def test_the_report_reads_the_sweep_files_without_the_engine_or_configs():
   record = {'config': {'kernel_size': 5}, 'best_val_acc': 0.5, 'best_epoch': 1, 'epochs': 2,
             'run': 'r'}
   code = (f'import sys; import cnn.sweep_report; cnn.sweep_report.best_config_block({record}); '
-          'assert "cnn.sweep" not in sys.modules and "configs" not in sys.modules; '
-          'del sys.modules["cnn.sweep_report"]; import cnn.sweep; '
+          'assert "sweeps" not in sys.modules and "configs" not in sys.modules; '
+          'del sys.modules["cnn.sweep_report"], sys.modules["cnn.sweep"]; import cnn.sweep; '
           'assert "cnn.sweep_report" not in sys.modules')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True)
