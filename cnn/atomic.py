@@ -6,11 +6,8 @@ from typing import IO, Callable
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], object],
                  binary: bool = False) -> None:
-  """Calls `write_fn` on a file beside `path`, then renames it over `path`.
-
-  The temporary name ends like `path` (e.g. `.png`) for writers that go by the suffix; a
-  failed write removes it and leaves `path` as it was.
-  """
+  """Calls `write_fn` on a file beside `path`, then renames it over `path`. The temporary name
+  ends like `path` (e.g. `.png`) for writers that go by the suffix."""
   path = os.fspath(path)
   root, ext = os.path.splitext(path)
   tmp = f'{root}.tmp{os.getpid()}{ext}'

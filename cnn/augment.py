@@ -1,17 +1,12 @@
-"""On-device augmentation, as the reference's Keras ImageDataGenerator did on the host.
+"""On-device augmentation: the reference's Keras ImageDataGenerator transforms, in pure JAX.
 
-Random horizontal flip, rotation up to +-20 degrees, shifts up to +-20% of each side, zoom in
-[0.8, 1.2] per axis and brightness in [0.8, 1.2], with 'nearest' fill at the borders: the
-reference's transforms and ranges (`REFERENCE`). Each range is a field of the config
-(`aug_flip`, `aug_rotation`, ...) and a traced value of the train step, so runs that differ only
-in augmentation strength share one compiled step. `aug_crop_min_scale` < 1 adds a
-random-resized crop (area fraction in [min_scale, 1], aspect ratio in [3/4, 4/3]) in the same
-warp. `aug_erase` > 0 adds random erasing (Zhong et al., 2020): with that probability a
-rectangle of 2-33% of the image, aspect ratio in [0.3, 3.3], is filled with the image's mean
-colour. Pure: the same key gives the same images, so a resumed run repeats its augmentations.
+Flip, rotation, shift, per-axis zoom and brightness with 'nearest' fill, at the reference's
+ranges (`REFERENCE`), plus an optional random-resized crop in the same warp and random erasing
+(Zhong et al., 2020). The ranges are config fields (`aug_*`) traced by the train step, so runs
+that differ only in augmentation share one compiled step. Pure: the same key gives the same
+images, so a resumed run repeats its augmentations.
 """
 
-import functools
 import math
 
 import jax
@@ -85,8 +80,8 @@ def _erase(key: jax.Array, image: jax.Array, prob: jax.Array) -> jax.Array:
 
 def _augment_one(key: jax.Array, image: jax.Array, ranges: dict, erase: bool) -> jax.Array:
   k_geo, k_bright = jax.random.split(key)
-  # Not a third member of that split: it would change the other two, and every augmented run
-  # made before erasing existed. split(key)[i] is fold_in(key, i), so 2 is a key of its own.
+  # Not a third member of that split, which would change the other two streams: split(key)[i]
+  # is fold_in(key, i), so 2 is a key of its own.
   k_erase = jax.random.fold_in(key, 2)
   h, w, _ = image.shape
   src_r, src_c = _sample_grid(k_geo, (h, w), ranges)
@@ -104,10 +99,8 @@ def augment(key: jax.Array, images: jax.Array, ranges: dict | None = None,
   """(B, H, W, C) float in [0, 1] -> same shape, each image with its own random transform.
 
   `ranges` maps REFERENCE's names to (traced) scalars; None means the reference's.
-  `erase=False` leaves random erasing out of the program: a run without it (the train step
-  knows from its Program) computes no rectangles it would never apply.
+  `erase=False` leaves random erasing out of the program, for runs that never apply it.
   """
   ranges = REFERENCE if ranges is None else ranges
   keys = jax.random.split(key, images.shape[0])
-  one = functools.partial(_augment_one, erase=erase)
-  return jax.vmap(one, in_axes=(0, 0, None))(keys, images, ranges)
+  return jax.vmap(lambda k, image: _augment_one(k, image, ranges, erase))(keys, images)

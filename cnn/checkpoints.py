@@ -78,9 +78,7 @@ def _sync() -> None:
 
 def _innermost(e: BaseException) -> str:
   """The first line of the innermost error in the chain: the one that names the file's fault."""
-  for _ in range(10):
-    if (e.__cause__ or e.__context__) is None:
-      break
+  while (e.__cause__ or e.__context__) is not None:
     e = e.__cause__ or e.__context__
   return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:240]}'
 

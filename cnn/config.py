@@ -15,11 +15,10 @@ from cnn import models
 OPTIMIZERS = ('adam', 'adamw', 'nadam', 'sgd', 'rmsprop')
 PADDINGS = ('VALID', 'SAME')
 WANDB_MODES = ('', 'online', 'offline', 'disabled')
-DTYPES = ('float32', 'bfloat16')
-CONV_IMPLS = ('auto', 'xla', 'cpu_eigen')
-LR_SCHEDULES = ('constant', 'cosine')
-BN_STATS = ('precise', 'running')
-DEVICE_DATA = ('auto', 'on', 'off')
+# The names each of these fields accepts.
+CHOICES = {'dtype': ('float32', 'bfloat16'), 'conv_impl': ('auto', 'xla', 'cpu_eigen'),
+           'lr_schedule': ('constant', 'cosine'), 'bn_stats': ('precise', 'running'),
+           'device_data': ('auto', 'on', 'off')}
 
 
 def default_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
@@ -119,32 +118,26 @@ def default_config() -> ml_collections.ConfigDict:  # noqa: PLR0915
 
 
 # Every field not named below defines the run: a workdir or a sweep refuses another value.
-# How long or how a run goes, or what evaluation shows, not what it computes: resumable.
-SETTINGS = frozenset({
+# Machine or logging fields that every run of a sweep shares (one cache, one W&B project):
+# sweeping them makes no sense.
+UNSWEEPABLE_FIELDS = frozenset({'cache_dir', 'wandb_mode', 'wandb_project', 'wandb_entity',
+                                'run_name', 'new_run', 'compilation_cache_dir'})
+# Those, and where data and files live on this machine: fields of a machine or a logging setup,
+# not a model, left out of a sweep's best_config.py.
+NON_REPORT_FIELDS = UNSWEEPABLE_FIELDS | {
+    'data_dir', 'download', 'dataset_url', 'device_data', 'device_data_max_fraction',
+    'checkpoint_every_steps', 'keep_checkpoints'}
+# Those, and how long or how a run goes, or what evaluation shows: fields that do not change what
+# a run computes, so a workdir may be resumed with other values.
+NON_RUN_FIELDS = NON_REPORT_FIELDS | {
     'conv_impl', 'eval_batch_size', 'num_epochs', 'early_stopping_patience',
     'early_stopping_min_epochs', 'early_stopping_smoothing', 'bn_gap_images', 'eval_image_seed',
     'guided_bp_image', 'guided_bp_layer', 'guided_bp_channels', 'guided_bp_num_neurons',
-    'guided_bp_method'})
-# Where data and files live on this machine.
-MACHINE = frozenset({'data_dir', 'download', 'dataset_url', 'device_data',
-                     'device_data_max_fraction', 'checkpoint_every_steps', 'keep_checkpoints'})
-# Machine or logging fields that every run of a sweep shares (one cache, one W&B project).
-SHARED = frozenset({'cache_dir', 'wandb_mode', 'wandb_project', 'wandb_entity', 'run_name',
-                    'new_run', 'compilation_cache_dir'})
-
-# Fields that do not change what a run computes: a workdir may be resumed with other values.
-NON_RUN_FIELDS = SETTINGS | MACHINE | SHARED
-# Fields of a machine or a logging setup, not a model: left out of a sweep's best_config.py.
-NON_REPORT_FIELDS = MACHINE | SHARED
-# Every run of a sweep shares these; sweeping them makes no sense.
-UNSWEEPABLE_FIELDS = SHARED
+    'guided_bp_method'}
 
 
 def run_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-  """The run-defining fields of a config (or of its config.json) as plain JSON values.
-
-  A field not named in SETTINGS, MACHINE or SHARED counts as run-defining.
-  """
+  """The run-defining fields of a config (or of its config.json) as plain JSON values."""
   d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   d = json.loads(json.dumps(d, default=str))  # tuples become lists, as in config.json
   fields = {k: v for k, v in d.items() if k not in NON_RUN_FIELDS}
@@ -154,11 +147,8 @@ def run_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[st
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """The fields of `old` whose values `new` changes, sorted.
-
-  A field that `old` lacks was added to the code after the old run was made: it takes its
-  default there, so it is no difference.
-  """
+  # A field that `old` lacks was added to the code after the old run was made: it takes its
+  # default there, so it is no difference.
   return [k for k in sorted(old) if old[k] != new.get(k)]
 
 
@@ -179,27 +169,33 @@ class ConfigError(errors.UserError, ValueError):
   """A config that cannot work; the message says what to change."""
 
 
-def spatial_sizes(image_size: int, kernel_size: int, padding: str, conv_layers: int) -> list[int]:
-  """Side length after each conv block (conv, then 2x2 pool that drops an odd row)."""
-  sizes, s = [], image_size
-  for _ in range(conv_layers):
-    s = s - kernel_size + 1 if padding.upper() == 'VALID' else s
-    s = s // 2 if s >= 1 else 0
-    sizes.append(s)
-  return sizes
-
-
 def min_image_size(kernel_size: int, padding: str, conv_layers: int) -> int:
-  """Smallest square input whose last block still has at least one pixel."""
+  """Smallest square input whose last block still has one pixel, worked backwards: a 2x2 pool
+  needs 2 pixels per output pixel, a VALID k x k conv k - 1 more."""
   s = 1
-  while spatial_sizes(s, kernel_size, padding, conv_layers)[-1] < 1:
-    s += 1
+  for _ in range(conv_layers):
+    s = 2 * s + (kernel_size - 1 if padding.upper() == 'VALID' else 0)
   return s
 
 
 def _check(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)
+
+
+# Fractions: (field, the interval allowed, what the message adds); '[' or ']' includes that end.
+_FRACTIONS = (
+    ('dropout', '[0, 1)', ', e.g. 0.2'),
+    ('holdout_fraction', '(0, 1)', ', e.g. 0.1'),
+    ('label_smoothing', '[0, 1)', ''),
+    ('bn_momentum', '[0, 1)', ', e.g. 0.99'),
+    ('device_data_max_fraction', '(0, 1]', ''),
+    ('early_stopping_smoothing', '[0, 1)', ' (0 = off)'),
+    ('aug_crop_min_scale', '(0, 1]', '; 1 means no crop'))
+
+
+def _inside(x: float, interval: str) -> bool:
+  return (x >= 0 if interval[0] == '[' else x > 0) and (x <= 1 if interval[-1] == ']' else x < 1)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -212,68 +208,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'known: {", ".join(activations.TRAINABLE_ACTIVATIONS)}')
   _check(c.optimizer in OPTIMIZERS,
          f'unknown optimizer {c.optimizer!r}; known: {", ".join(OPTIMIZERS)}')
-  _check(c.dtype in DTYPES, f'dtype={c.dtype!r} is not one of {DTYPES}')
-  _check(c.conv_impl in CONV_IMPLS, f'conv_impl={c.conv_impl!r} is not one of {CONV_IMPLS}')
   _check(c.wandb_mode in WANDB_MODES,
          f'wandb_mode={c.wandb_mode!r}; use online, offline, disabled or "" (auto)')
+  for name, choices in CHOICES.items():
+    _check(c[name] in choices, f'{name}={c[name]!r} is not one of {choices}')
   for name in ('conv_layers', 'kernel_size', 'first_layer_filters', 'dense_size', 'image_size',
                'batch_size', 'eval_batch_size', 'num_epochs'):
     _check(isinstance(c[name], int) and c[name] > 0,
            f'{name}={c[name]!r} must be a positive integer')
-  _check(c.learning_rate > 0, f'learning_rate={c.learning_rate} must be positive, e.g. 1e-3')
-  _check(c.filter_org > 0, f'filter_org={c.filter_org} must be positive (e.g. 0.5, 1 or 2)')
-  _check(0 <= c.dropout < 1, f'dropout={c.dropout} must be in [0, 1), e.g. 0.2')
-  _check(0 < c.holdout_fraction < 1,
-         f'holdout_fraction={c.holdout_fraction} must be in (0, 1), e.g. 0.1')
-  _check(c.early_stopping_patience >= 0,
-         f'early_stopping_patience={c.early_stopping_patience} must be >= 0 (0 turns it off)')
-  filters = models.conv_filters(c.first_layer_filters, c.filter_org, c.conv_layers)
-  _check(min(filters) > 0,
-         f'filters per block {filters}: int({c.first_layer_filters} * {c.filter_org}**i) rounds '
-         f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or '
-         f'filter_org or lower conv_layers')
-  _validate_recipe(c)
-  last = spatial_sizes(c.image_size, c.kernel_size, c.padding, c.conv_layers)[-1]
-  smallest = min_image_size(c.kernel_size, c.padding, c.conv_layers)
-  _check(last >= 1,
-         f'image_size={c.image_size} is too small for {c.conv_layers} {c.padding.upper()} '
-         f'blocks of kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. '
-         f'Use --config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
-         f'or --config.padding=SAME')
-
-
-def _validate_recipe(c: ml_collections.ConfigDict) -> None:
-  """The schedule, regularisation, augmentation and validation fields."""
-  _check(c.lr_schedule in LR_SCHEDULES,
-         f'lr_schedule={c.lr_schedule!r} is not one of {LR_SCHEDULES}')
-  _check(0 <= c.warmup_epochs <= c.num_epochs,
-         f'warmup_epochs={c.warmup_epochs} must be in [0, num_epochs={c.num_epochs}]')
-  _check(0 <= c.label_smoothing < 1, f'label_smoothing={c.label_smoothing} must be in [0, 1)')
-  _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
-  _check(0 <= c.bn_momentum < 1, f'bn_momentum={c.bn_momentum} must be in [0, 1), e.g. 0.99')
-  _check(c.bn_stats in BN_STATS, f'bn_stats={c.bn_stats!r} is not one of {BN_STATS}')
+  for name in ('precise_bn_images', 'bn_gap_images', 'early_stopping_min_epochs'):
+    _check(isinstance(c[name], int) and c[name] >= 0, f'{name}={c[name]!r} must be an integer >= 0')
   _check(isinstance(c.keep_checkpoints, int) and c.keep_checkpoints >= 1,
          f'keep_checkpoints={c.keep_checkpoints!r} must be an integer >= 1, e.g. 3')
+  for name, interval, hint in _FRACTIONS:
+    _check(_inside(c[name], interval), f'{name}={c[name]} must be in {interval}{hint}')
+  _check(c.learning_rate > 0, f'learning_rate={c.learning_rate} must be positive, e.g. 1e-3')
+  _check(c.filter_org > 0, f'filter_org={c.filter_org} must be positive (e.g. 0.5, 1 or 2)')
+  _check(c.early_stopping_patience >= 0,
+         f'early_stopping_patience={c.early_stopping_patience} must be >= 0 (0 turns it off)')
+  _check(0 <= c.warmup_epochs <= c.num_epochs,
+         f'warmup_epochs={c.warmup_epochs} must be in [0, num_epochs={c.num_epochs}]')
+  _check(0 <= c.weight_decay, f'weight_decay={c.weight_decay} must be >= 0')
   _check(c.ema_epochs >= 0, f'ema_epochs={c.ema_epochs} must be >= 0 (0 turns the EMA off)')
   _check(not (c.ema_epochs and c.batch_norm and c.bn_stats == 'running'),
          "ema_epochs needs bn_stats='precise' with batch_norm: the running statistics belong "
          'to the weights, not to their average. Use --config.bn_stats=precise, or also pass '
          '--config.ema_epochs=0 to validate the weights themselves')
-  _check(c.device_data in DEVICE_DATA, f'device_data={c.device_data!r} is not one of {DEVICE_DATA}')
-  _check(0 < c.device_data_max_fraction <= 1,
-         f'device_data_max_fraction={c.device_data_max_fraction} must be in (0, 1]')
-  for name in ('precise_bn_images', 'bn_gap_images', 'early_stopping_min_epochs'):
-    _check(isinstance(c[name], int) and c[name] >= 0, f'{name}={c[name]!r} must be an integer >= 0')
-  _check(0 <= c.early_stopping_smoothing < 1,
-         f'early_stopping_smoothing={c.early_stopping_smoothing} must be in [0, 1) (0 = off)')
   for name in ('aug_rotation', 'aug_shift', 'aug_zoom', 'aug_brightness'):
     _check(c[name] >= 0, f'{name}={c[name]} must be >= 0 (0 turns that transform off)')
   _check(c.aug_zoom < 1 and c.aug_brightness < 1,
          f'aug_zoom={c.aug_zoom} and aug_brightness={c.aug_brightness} must be below 1')
-  _check(0 < c.aug_crop_min_scale <= 1,
-         f'aug_crop_min_scale={c.aug_crop_min_scale} must be in (0, 1]; 1 means no crop')
   _check(0 <= c.aug_erase <= 1,
          f'aug_erase={c.aug_erase} must be a probability in [0, 1] (0 turns erasing off)')
+  filters = models.conv_filters(c.first_layer_filters, c.filter_org, c.conv_layers)
+  _check(min(filters) > 0,
+         f'filters per block {filters}: int({c.first_layer_filters} * {c.filter_org}**i) rounds '
+         f'to 0 by block {filters.index(min(filters)) + 1}; raise first_layer_filters or '
+         f'filter_org or lower conv_layers')
+  smallest = min_image_size(c.kernel_size, c.padding, c.conv_layers)
+  _check(c.image_size >= smallest,
+         f'image_size={c.image_size} is too small for {c.conv_layers} {c.padding.upper()} '
+         f'blocks of kernel {c.kernel_size} with 2x2 pooling: the feature map shrinks to nothing. '
+         f'Use --config.image_size={smallest} or larger, a smaller kernel_size, fewer conv_layers, '
+         f'or --config.padding=SAME')
 
 
 # The fields of the reference's run names, in its order.
@@ -295,5 +272,4 @@ def hyperparameter_name(config: ml_collections.ConfigDict, extra_keys: Sequence[
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
-  """config.run_name, else `hyperparameter_name(config)`."""
   return config.run_name or hyperparameter_name(config)

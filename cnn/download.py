@@ -13,9 +13,6 @@ import tqdm
 
 from cnn import errors
 
-_CHUNK = 1 << 20
-
-
 class DownloadError(errors.UserError):
   """data_dir is missing and the archive could not be fetched or unpacked; says what to do."""
 
@@ -31,7 +28,7 @@ def fetch(url: str, dest: pathlib.Path, timeout: float = 30.0) -> None:
     total = response.length + have if response.length is not None else None
     with open(part, 'ab' if have else 'wb') as f, tqdm.tqdm(
         total=total, initial=have, unit='B', unit_scale=True, desc=dest.name) as bar:
-      while chunk := response.read(_CHUNK):
+      while chunk := response.read(1 << 20):
         f.write(chunk)
         bar.update(len(chunk))
   if total is not None and part.stat().st_size != total:

@@ -1,9 +1,7 @@
 """The one base class of errors a user can fix; `main.py` prints them as one `error:` line, exit 2.
 
-Every module raises a subclass of `UserError` (or `UserError` itself) for bad input, missing or
-unusable data, a failed download, a workdir that belongs to another run, a full disk, or a
-diverged run; the message says what was wrong and how to fix it. Anything else is a bug and keeps
-its traceback.
+Every module raises `UserError` or a subclass for what the user can fix, with a message that says
+what was wrong and how to fix it; anything else is a bug and keeps its traceback.
 """
 
 import contextlib

@@ -38,7 +38,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 class HostFeed:
   """Slices the batch on the host and copies it to the devices."""
-  on_device = False
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh):
     self._images, self._labels, self._mesh = images, labels, mesh
@@ -54,7 +53,6 @@ class HostFeed:
 
 class DeviceFeed:
   """Holds the training set on every device and gathers each batch there."""
-  on_device = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh):
     self._images, self._labels = replicate((images, labels), mesh)
@@ -68,12 +66,6 @@ class DeviceFeed:
     return self._gather(self._images, self._labels, replicate(idx.astype(np.int32), self._mesh))
 
 
-def device_memory_bytes() -> int | None:
-  """What the first device can hold, or None where JAX does not say (the CPU backend)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  return stats.get('bytes_limit')
-
-
 def use_device_feed(mode: str, nbytes: int, max_fraction: float) -> bool:
   """'on', 'off', or 'auto': on a GPU/TPU when the set fits in max_fraction of its memory.
 
@@ -82,6 +74,6 @@ def use_device_feed(mode: str, nbytes: int, max_fraction: float) -> bool:
   """
   if mode != 'auto':
     return mode == 'on'
-  limit = device_memory_bytes()
+  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')  # None on the CPU
   return (jax.default_backend() != 'cpu' and jax.process_count() == 1 and limit is not None
           and nbytes <= max_fraction * limit)

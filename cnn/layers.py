@@ -1,24 +1,14 @@
-"""Drop-in layers that train the reference CNN several times faster on XLA:CPU.
+"""Drop-in layers that train the CNN several times faster on XLA:CPU (figures: docs/speed.md).
 
-Used when config.conv_impl is 'cpu_eigen', or 'auto' (the default) on the CPU backend; pointless
-on GPU/TPU. docs/speed.md has the measured figures and the command that reproduces them.
+Used when config.conv_impl is 'cpu_eigen', or 'auto' on the CPU backend. `Conv` is `nn.Conv` at
+stride 1, with its parameters, initialisers and results. XLA:CPU hands a plain f32 convolution to
+YNNPACK, several times slower here than Eigen, and YNNPACK declines one whose output or kernel is
+wider than its input: so each convolution (forward, input and filter gradients, tied together by
+`jax.custom_vjp`) gets a few zero columns that make it so, sliced off afterwards.
 
-`Conv`: `nn.Conv` (stride 1, any padding) with the same parameters ('kernel' (kh, kw, in, out),
-'bias' (out,)), initialisers and results. XLA:CPU hands a plain 2-D f32 convolution to YNNPACK,
-which runs these layers several times slower than its Eigen kernels do (above all the filter
-gradient). YNNPACK declines a convolution whose output or kernel is wider than its input, so each
-convolution here (forward, input gradient, filter gradient, tied together with `jax.custom_vjp`)
-gets a few extra zero columns that make it so, and Eigen runs it; the extra columns are sliced off.
-The RGB layer's forward pass (27 values per patch) runs as one patches matmul instead, and its
-filter gradient a quarter of the batch at a time. A kernel larger than its input (the last blocks
-of a SAME model at 64 px) sends every pass to the patches matmul: both XLA and Eigen are far slower
-there.
-
-`BatchNormReluPool`: a training-mode block of `nn.BatchNorm` -> ReLU -> 2x2 max pool in one
-`jax.custom_vjp` with the variables of `nn.BatchNorm`, which absorbs the conv bias. Autodiff of the
-three ops reads and writes the full-size activation about ten times, 20-30% of the step; this block
-reads it four times and writes it once (dx). `max_pool_2x2` is the pool alone, for models without
-batch norm. Both give the window's first maximum its whole gradient, as `nn.max_pool` does.
+`BatchNormReluPool` is training-mode `nn.BatchNorm` -> ReLU -> 2x2 max pool in one
+`jax.custom_vjp`: autodiff of the three reads and writes the full-size activation about ten times,
+this block five. Like `nn.max_pool`, it gives the window's first maximum its whole gradient.
 """
 
 import functools
@@ -59,16 +49,15 @@ def _conv_eigen(lhs: jax.Array, rhs: jax.Array, pads: Pads) -> jax.Array:
 def _filter_grad(x: jax.Array, g: jax.Array, pads: Pads, kernel: tuple[int, int]) -> jax.Array:
   """d(conv(x, w))/dw contracted with g: (kh, kw, C_in, C_out).
 
-  With few input channels the contraction has only kh*kw*C_in rows and Eigen runs faster on
-  a few images at a time (~1.4x for the RGB layer, measured); with many it does not.
+  With few input channels (kh*kw*C_in rows) Eigen runs faster on a few images at a time.
   """
   if _kernel_exceeds(x, kernel):
     kh, kw = kernel
     patches = _patches(x, kh, kw, pads)
     dw = patches.reshape(-1, patches.shape[-1]).T @ g.reshape(-1, g.shape[-1])
     return dw.reshape(kh, kw, x.shape[-1], g.shape[-1])
-  n = FILTER_GRAD_CHUNKS if x.shape[-1] <= CHUNK_MAX_CHANNELS else 1
-  if n <= 1 or x.shape[0] % n:
+  n = FILTER_GRAD_CHUNKS
+  if x.shape[-1] > CHUNK_MAX_CHANNELS or x.shape[0] % n:
     return _filter_grad_eigen(x, g, pads)
   split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
   return lax.map(lambda xg: _filter_grad_eigen(*xg, pads), (split(x), split(g))).sum(0)
@@ -77,9 +66,9 @@ def _filter_grad(x: jax.Array, g: jax.Array, pads: Pads, kernel: tuple[int, int]
 def _filter_grad_eigen(x: jax.Array, g: jax.Array, pads: Pads) -> jax.Array:
   """The filter gradient as one convolution that Eigen runs.
 
-  The batch is the contracted (feature) dimension, the input channels the batch; g is the
-  kernel, widened past x with zero columns (and x padded to match) so that YNNPACK declines it.
-  x is padded beforehand: Eigen runs this large-kernel convolution 20x slower when it pads.
+  The batch is the contracted dimension, the input channels the batch; g is the kernel, widened
+  with zero columns (and x padded to match) so that YNNPACK declines it. x is padded beforehand:
+  Eigen runs this large-kernel convolution 20x slower when it pads.
   """
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   extra = max(0, x.shape[2] - g.shape[2] + 1)
@@ -96,9 +85,7 @@ def _filter_grad_eigen(x: jax.Array, g: jax.Array, pads: Pads) -> jax.Array:
 def _kernel_exceeds(x: jax.Array, kernel: tuple[int, int]) -> bool:
   """A kernel taller or wider than its input (a small last block under SAME padding).
 
-  Eigen and XLA run such a convolution 50-100x slower than the patches matmul (measured: a
-  4x4 input, 5x5 kernel, 256 -> 512 channels took 2.8 s forward, the matmul 21 ms); with the
-  kernel inside the input, Eigen is the faster one.
+  Eigen and XLA run such a convolution 50-100x slower than the patches matmul.
   """
   return kernel[0] > x.shape[1] or kernel[1] > x.shape[2]
 
@@ -110,37 +97,27 @@ def _patches(x: jax.Array, kh: int, kw: int, pads: Pads) -> jax.Array:
   return jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
 
 
-def _conv_im2col(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
-  """The convolution as one (B*Ho*Wo, kh*kw*C) x (kh*kw*C, O) matmul of shifted input copies."""
-  kh, kw, c, o = w.shape
-  patches = _patches(x, kh, kw, pads)
-  return (patches.reshape(-1, kh * kw * c) @ w.reshape(kh * kw * c, o)).reshape(
-      *patches.shape[:3], o)
-
-
-def _conv(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
+def _conv(x: jax.Array, w: jax.Array, pads: Pads, im2col_max_depth: int = 0) -> jax.Array:
   """The faster of the patches matmul and Eigen for this layer's shapes."""
-  if _kernel_exceeds(x, w.shape[:2]):
-    return _conv_im2col(x, w, pads)
+  kh, kw, c, o = w.shape
+  # Few input channels (the RGB layer's forward pass): Eigen runs at ~25 GFLOP/s there, the
+  # patches matmul at ~70, and its patch copy is only kh*kw*C values per pixel.
+  if kh * kw * c <= im2col_max_depth or _kernel_exceeds(x, (kh, kw)):
+    # One (B*Ho*Wo, kh*kw*C) x (kh*kw*C, O) matmul of shifted input copies.
+    patches = _patches(x, kh, kw, pads)
+    return (patches.reshape(-1, kh * kw * c) @ w.reshape(kh * kw * c, o)).reshape(
+        *patches.shape[:3], o)
   return _conv_eigen(x, w, pads)
-
-
-def _forward(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
-  # Few input channels (the RGB layer): Eigen's convolution runs at ~25 GFLOP/s there, while
-  # the patches matmul runs at ~70; its patch copy is only kh*kw*C <= 32 values per pixel.
-  if w.shape[0] * w.shape[1] * w.shape[2] <= IM2COL_MAX_DEPTH:
-    return _conv_im2col(x, w, pads)
-  return _conv(x, w, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
   """Stride-1 NHWC/HWIO convolution (cross-correlation) with explicit padding, as `nn.Conv`."""
-  return _forward(x, w, pads)
+  return _conv(x, w, pads, IM2COL_MAX_DEPTH)
 
 
 def _conv2d_fwd(x, w, pads):
-  return _forward(x, w, pads), (x, w)
+  return _conv(x, w, pads, IM2COL_MAX_DEPTH), (x, w)
 
 
 def _conv2d_bwd(pads, res, g):
@@ -158,27 +135,13 @@ def _conv2d_bwd(pads, res, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def explicit_padding(padding: str | Sequence[tuple[int, int]], kernel_size: Sequence[int],
-                     in_shape: Sequence[int]) -> Pads:
-  """'VALID' / 'SAME' (as `nn.Conv` resolves them for stride 1) or explicit pairs."""
-  if isinstance(padding, str):
-    pads = lax.padtype_to_pads(tuple(in_shape), tuple(kernel_size), (1, 1), padding.upper())
-  else:
-    pads = padding
-  return tuple((int(lo), int(hi)) for lo, hi in pads)
-
-
 class Conv(nn.Module):
-  """`nn.Conv` for stride 1, no dilation, no feature groups; padding 'VALID', 'SAME' or pairs."""
+  """`nn.Conv` with its default initialisers and a bias, for stride 1, no dilation, no groups."""
 
   features: int
   kernel_size: Sequence[int]
-  padding: str | Sequence[tuple[int, int]] = 'SAME'
-  use_bias: bool = True
+  padding: str = 'SAME'  # 'VALID' or 'SAME'
   dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
   # Return (conv(x), bias) unadded, for a `BatchNormReluPool` to absorb: the batch mean
   # cancels the bias, so adding it is a full pass over the output for nothing.
   defer_bias: bool = False
@@ -186,18 +149,16 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
     kh, kw = self.kernel_size
-    kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (kh, kw, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv2d(x, kernel, explicit_padding(self.padding, (kh, kw), x.shape[1:3]))
+    # As `nn.Conv` resolves the padding at stride 1; plain ints, a static argument of conv2d.
+    pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), self.padding.upper())
+    y = conv2d(x, kernel, tuple((int(lo), int(hi)) for lo, hi in pads))
     if self.defer_bias:
       return y, bias
-    if bias is not None:
-      y = y + bias
-    return y
-
+    return y + bias
 
 
 # ---------------------------------------------------------------- batch norm -> ReLU -> max pool
@@ -225,18 +186,11 @@ def _first_max(values: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
 def _window_max(x: jax.Array, floor: float = -jnp.inf) -> jax.Array:
   """max(floor, the window's maximum), as a reduction (VALID: an odd last row/column drops).
 
-  Not as the elementwise maximum of `_windows(x)`: XLA:CPU fuses an elementwise producer into
-  every consumer, and the next layer's filter gradient, which reads this output transposed,
-  would recompute it in that order (5x slower at 128 px). A reduction it keeps in memory.
+  Not the elementwise maximum of `_windows(x)`: XLA:CPU would fuse that into the next layer's
+  filter gradient, which reads it transposed, and recompute it there; a reduction it stores.
   """
   return lax.reduce_window(x, jnp.array(floor, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
                            'VALID')
-
-
-def _pick(values: list[jax.Array], which: jax.Array) -> jax.Array:
-  """Each window's member number `which` (0-3) of `values` (as from `_windows`)."""
-  return functools.reduce(lambda acc, k: jnp.where(which == k, values[k], acc), (1, 2, 3),
-                          values[0])
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -261,15 +215,11 @@ def _pool_even_bwd(which, g):
 _pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
 
 
-def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean and (biased) variance per channel in float32, as `nn.BatchNorm` computes them."""
-  x = x.astype(jnp.float32)
-  mean = x.mean((0, 1, 2))
-  return mean, jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean)
-
-
 def _bn_relu_pool_fwd(x, scale, bias, epsilon):
-  mean, var = _batch_stats(x)
+  # Mean and (biased) variance per channel in float32, as `nn.BatchNorm` computes them.
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean((0, 1, 2))
+  var = jnp.maximum(0.0, (x32 * x32).mean((0, 1, 2)) - mean * mean)
   rstd = lax.rsqrt(var + epsilon)
   a = scale * rstd
   b = bias - mean * a
@@ -277,7 +227,7 @@ def _bn_relu_pool_fwd(x, scale, bias, epsilon):
   # The normalised values are computed twice, each time fused into its one read of x: here
   # for the winners (a residual), below for the output, which must come from a reduction.
   best, which = _first_max([a * xk.astype(jnp.float32) + b for xk in wins])
-  picked = _pick(wins, which)
+  picked = functools.reduce(lambda acc, k: jnp.where(which == k, wins[k], acc), (1, 2, 3), wins[0])
   # -1: the ReLU was closed (jax.nn.relu's gradient at 0 is 0 too), nothing flows back.
   which = jnp.where(best > 0, which, jnp.int8(-1))
   y = _window_max(a * x.astype(jnp.float32) + b, floor=0.0).astype(x.dtype)  # ReLU = floor 0
@@ -319,12 +269,9 @@ def _scatter_windows(v: jax.Array, which: jax.Array, shape: tuple[int, ...]) -> 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def bn_relu_pool(x, scale, bias, epsilon):
-  """(max_pool_2x2(relu(batch_norm(x))), batch mean, batch variance): five passes over x.
+  """(max_pool_2x2(relu(batch_norm(x))), batch mean, batch variance), training mode.
 
-  The training-mode block of `nn.BatchNorm` -> `jax.nn.relu` -> `models.max_pool_2x2`, with
-  the gradient of `nn.max_pool` (the window's first maximum takes it all). Autodiff of those
-  three reads and writes the full-size activation about ten times; this reads x three times
-  forward (statistics, winners, maxima), once backward, and writes dx.
+  Reads x three times forward (statistics, winners, maxima), once backward, and writes dx.
   """
   return _bn_relu_pool_fwd(x, scale, bias, epsilon)[0]
 

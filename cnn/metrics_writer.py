@@ -3,12 +3,13 @@
 import json
 import netrc
 import os
-import uuid
+import pathlib
 import sys
 import threading
 from typing import Any
 import urllib.error
 import urllib.request
+import uuid
 
 import ml_collections
 
@@ -19,19 +20,16 @@ from cnn import lock
 TEARDOWN_TIMEOUT_S = 10.0
 
 
-def _has_wandb_credentials() -> bool:
-  try:
-    return bool(os.environ.get('WANDB_API_KEY')) or (
-        netrc.netrc().authenticators('api.wandb.ai') is not None)
-  except (FileNotFoundError, netrc.NetrcParseError):
-    return False
-
-
 def resolve_wandb_mode(mode: str) -> str:
   """'' means online with credentials, offline without; says which in one line."""
   if mode:
     return mode
-  if _has_wandb_credentials():
+  try:
+    credentials = bool(os.environ.get('WANDB_API_KEY')) or (
+        netrc.netrc().authenticators('api.wandb.ai') is not None)
+  except (FileNotFoundError, netrc.NetrcParseError):
+    credentials = False
+  if credentials:
     print('W&B: credentials found, logging online (--config.wandb_mode=disabled to turn off)')
     return 'online'
   print('W&B: no credentials (wandb login), logging offline to WORKDIR/wandb; '
@@ -95,15 +93,13 @@ def beside_training(config: ml_collections.ConfigDict, workdir: str) -> MetricsW
 def _init_wandb(config: ml_collections.ConfigDict, workdir: str, mode: str):
   """A W&B run that resumes with the workdir; trouble going online falls back to offline."""
   import wandb
-  id_file = os.path.join(workdir, 'wandb_run_id.txt')
+  id_file = pathlib.Path(workdir, 'wandb_run_id.txt')
   kwargs = dict(project=config.wandb_project, entity=config.wandb_entity or None,
                 name=config_lib.run_name(config), config=config.to_dict(), dir=workdir)
   if not os.environ.get('WANDB_SWEEP_ID'):  # under `wandb agent` the agent picks the run id
-    if not os.path.exists(id_file):
-      with open(id_file, 'w') as f:
-        f.write(uuid.uuid4().hex[:8])
-    with open(id_file) as f:
-      kwargs.update(id=f.read().strip(), resume='allow')
+    if not id_file.exists():
+      id_file.write_text(uuid.uuid4().hex[:8])
+    kwargs.update(id=id_file.read_text().strip(), resume='allow')
   if mode == 'online':
     # wandb.init retries an unreachable server for init_timeout (a minute or more): ask first.
     base_url = wandb.setup().settings.base_url

@@ -18,9 +18,8 @@ BN_EPSILON = 1e-3
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/stride-2 max pool that drops an odd last row/column, like Keras' MaxPool2D('valid').
 
-  `nn.max_pool`, whose gradient (select-and-scatter) gives each window's whole gradient to its
-  first maximum, as `layers.max_pool_2x2` on the CPU path does: at tied maxima (flat regions,
-  nearest-fill borders of augmented images) both paths train alike.
+  Its gradient goes to each window's first maximum, as `layers.max_pool_2x2`'s does, so at
+  tied maxima (flat regions, nearest-fill borders) the XLA and CPU paths train alike.
   """
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
@@ -33,10 +32,10 @@ def conv_filters(first_layer_filters: int, filter_org: float, conv_layers: int) 
 class CNN(nn.Module):
   """conv -> [BN] -> act -> maxpool, x len(filters); dense -> [BN] -> act -> dropout -> logits.
 
-  Returns logits; softmax is applied by the loss and by `predict_proba` callers, which is
-  numerically safer than the reference's softmax layer and gives the same probabilities.
-  Each block's post-activation output (before pooling) is sown under 'intermediates' as
-  'conv{i}_act' (a sow may not reuse the conv layer's own name); `block_output` reads it.
+  Returns logits, not the reference's softmax: the loss and `log_probabilities` normalise them,
+  which is numerically safer and gives the same probabilities. Each block's post-activation
+  output (before pooling) is sown under 'intermediates' as 'conv{i}_act' (a sow may not reuse
+  the conv layer's own name); `block_output` reads it.
   """
 
   filters: tuple[int, ...]
@@ -51,7 +50,7 @@ class CNN(nn.Module):
   # 'xla': nn.Conv; 'cpu_eigen': cnn/layers.py's convolutions, pool and fused batch norm ->
   # ReLU -> pool block (same variables and results).
   conv_impl: str = 'xla'
-  # Running-average momentum of every batch norm (Keras' 0.99). Precise BN (cnn/train.py) runs
+  # Running-average momentum of every batch norm (Keras' 0.99). Precise BN (cnn/trainer.py) runs
   # a clone with momentum 0, whose updated 'batch_stats' are then one batch's own statistics.
   bn_momentum: float = 0.99
 

@@ -19,11 +19,9 @@ import difflib
 import fcntl
 import itertools
 import json
-import logging
 import math
 import os
 import random
-import sys
 import time
 import traceback
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -91,9 +89,8 @@ def read_spec(workdir: str) -> dict | None:
 
 
 def read_results(workdir: str) -> list[dict]:
-  """The ended runs, one per run, by draw index."""
-  rows = _read_jsonl(os.path.join(workdir, RESULTS_FILE), lambda r: r['run'])
-  return sorted(rows, key=lambda r: r['index'])
+  """The ended runs, by draw index."""
+  return _read_jsonl(os.path.join(workdir, RESULTS_FILE), lambda r: r['index'])
 
 
 def read_metrics(run_dir_path: str) -> list[dict]:
@@ -148,9 +145,8 @@ def load_agent_params(path: str) -> dict[str, Any]:
   $WANDB_SWEEP_PARAM_PATH is W&B's config YAML, `wandb_version: 1` and {parameter: {value: v}}."""
   try:
     with open(path) as f:
-      text = f.read()
-    params = yaml.safe_load(text) if path.endswith(('.yaml', '.yml')) else json.loads(text)
-  except (OSError, ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+      params = yaml.safe_load(f)  # JSON is YAML
+  except (OSError, yaml.YAMLError) as e:
     raise SweepError(f'cannot read the sweep parameter file {path}: {e}') from None
   if not isinstance(params, dict):
     raise SweepError(f'{path}: expected a JSON object {{parameter: value}}, got '
@@ -188,17 +184,17 @@ def load_sweep_config(path: str) -> dict:
       spec = yaml.safe_load(f)
   except (OSError, yaml.YAMLError) as e:
     raise SweepError(f'cannot read sweep config {path}: {e}') from None
-  if not isinstance(spec, dict):
-    raise SweepError(f'{path}: a sweep config is a YAML mapping (method, metric, parameters)')
   try:
     return dict(sweeps.SweepConfig(spec))
-  except (jsonschema.ValidationError, ValueError) as e:
+  except (jsonschema.ValidationError, ValueError) as e:  # ValueError: not a mapping
     message = getattr(e, 'message', str(e))
     raise SweepError(f'{path} is not a valid W&B sweep config: {message}') from None
 
 
-def _is_searched(spec: Mapping[str, Any]) -> bool:
-  return 'value' not in spec and not ('values' in spec and len(spec['values']) == 1)
+def searched_parameters(spec: Mapping[str, Any]) -> dict[str, dict]:
+  """{name: parameter spec} of the parameters that vary between runs."""
+  return {name: p for name, p in spec['parameters'].items()
+          if 'value' not in p and len(p.get('values', ())) != 1}
 
 
 def _choices(spec: Mapping[str, Any]) -> list:
@@ -232,7 +228,7 @@ def pin_overrides(spec: Mapping[str, Any], config: ml_collections.ConfigDict,
     p = spec['parameters'].get(name)
     if p is None:
       continue
-    if _is_searched(p):
+    if name in searched_parameters(spec):
       raise SweepError(f'--config.{name} is set on the command line but the sweep searches '
                        f'{name} ({p}); drop one of the two')
     spec['parameters'][name] = {'value': _plain(config[name])}
@@ -420,7 +416,6 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
     with open(os.path.join(folder, 'error.txt'), 'w') as f:
       f.write(traceback.format_exc())
     print(f'sweep: run {name} failed: {record["error"]}', flush=True)
-    _finish_wandb_run()
   record['wall_time_s'] = time.time() - t0
   rows = read_metrics(folder)
   accs = [r['val_acc'] for r in rows if isinstance(r.get('val_acc'), (int, float))]
@@ -430,16 +425,6 @@ def _run_one(base: ml_collections.ConfigDict, spec: Mapping[str, Any], workdir: 
                   best_epoch=rows[best]['epoch'], epochs=len(accs))
   record.update(hyperband=stop_info or None, ended=_now())
   return record
-
-
-def _finish_wandb_run() -> None:
-  """Closes a W&B run left open by a crash: wandb.init would hand it to the next run."""
-  wandb = sys.modules.get('wandb')
-  if wandb is not None and wandb.run is not None:
-    try:
-      wandb.finish(exit_code=1)
-    except Exception:  # noqa: BLE001
-      logging.exception('could not finish the W&B run of a failed sweep run')
 
 
 def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep_count: int,
@@ -461,8 +446,7 @@ def _next_claim(workdir: str, spec: dict, base: ml_collections.ConfigDict, sweep
     if params is None:
       print(f'sweep: the grid is exhausted after {index} runs')
       return None
-    extra = [k for k, p in spec['parameters'].items()
-             if _is_searched(p) and k not in dict(config_lib.NAME_FIELDS).values()]
+    extra = [k for k in searched_parameters(spec) if k not in dict(config_lib.NAME_FIELDS).values()]
     name = config_lib.hyperparameter_name(apply_sweep_params(base, params), extra)
     if os.path.exists(run_dir(workdir, name)):
       name += f'_{index + 1}'  # values drawn again once the space is exhausted
@@ -481,13 +465,6 @@ def _run_header(claim: dict, sweep_count: int, ended: list[dict]) -> str:
   if walls:
     line += f' ({len(ended)} ended, {sum(walls) / len(walls) / 60:.1f} min a run)'
   return line
-
-
-def _append_result(workdir: str, record: dict) -> None:
-  # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
-  with _locked(os.path.join(workdir, SWEEP_LOCK)):
-    with open(os.path.join(workdir, RESULTS_FILE), 'a') as f:
-      f.write(json.dumps(_plain(record)) + '\n')
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, spec: dict
@@ -548,7 +525,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, sweep_config_p
           break
         print(_run_header(claim, sweep_count, read_results(workdir)), flush=True)
         record = _run_one(base, spec, workdir, claim, train_fn)
-        _append_result(workdir, record)
+        # Appended, not rewritten: a line cut short by a kill is skipped by read_results.
+        with (_locked(os.path.join(workdir, SWEEP_LOCK)),
+              open(os.path.join(workdir, RESULTS_FILE), 'a') as f):
+          f.write(json.dumps(_plain(record)) + '\n')
       acc = record['best_val_acc']
       print(f'sweep: {record["run"]}: {record["state"]}'
             + (f', best val_acc {acc:.4f} at epoch {record["best_epoch"]}' if acc is not None

@@ -31,18 +31,6 @@ from cnn import sweep
 TOP_RUNS = 10
 
 
-def searched_parameters(spec: dict) -> list[dict]:
-  """The parameters that vary: name, kind ('categorical' or 'numeric'), values or range, log."""
-  out = []
-  for name, p in spec['parameters'].items():
-    if 'values' in p and len(p['values']) > 1:
-      out.append({'name': name, 'kind': 'categorical', 'values': list(p['values'])})
-    elif 'min' in p and 'max' in p:
-      out.append({'name': name, 'kind': 'numeric', 'min': p['min'], 'max': p['max'],
-                  'log': 'log' in p.get('distribution', '')})
-  return out
-
-
 def _scored(records: Sequence[dict]) -> list[dict]:
   return [r for r in records if r.get('best_val_acc') is not None]
 
@@ -54,24 +42,24 @@ def _ranked(records: Sequence[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------- importance
 
 
-def _features(records: Sequence[dict], params: Sequence[dict]) -> tuple[list[str], np.ndarray]:
+def _features(records: Sequence[dict], params: Sequence[str]) -> tuple[list[str], np.ndarray]:
   """Columns as W&B's importance panel builds them: numbers and booleans as they are, other
   categorical values one-hot (`optimizer=adam`)."""
   names, columns = [], []
-  for p in params:
-    values = [r['params'].get(p['name']) for r in records]
+  for name in params:
+    values = [r['params'].get(name) for r in records]
     if all(isinstance(v, (bool, int, float)) for v in values):
-      names.append(p['name'])
+      names.append(name)
       columns.append([float(v) for v in values])
     else:
       for level in sorted({json.dumps(v) for v in values}):
-        names.append(f'{p["name"]}={json.loads(level)}')
+        names.append(f'{name}={json.loads(level)}')
         columns.append([float(json.dumps(v) == level) for v in values])
   matrix = np.asarray(columns, np.float64).T if columns else np.zeros((len(records), 0))
   return names, matrix
 
 
-def parameter_importance(records: Sequence[dict], params: Sequence[dict],
+def parameter_importance(records: Sequence[dict], params: Sequence[str],
                          seed: int = 0) -> list[dict]:
   """[{feature, importance, correlation}] of the varying features, by importance: a random
   forest's impurity importance fitted on val_acc (None under 3 runs), and Pearson's r."""
@@ -131,18 +119,15 @@ def plot_val_acc_vs_created(records: Sequence[dict], path: str) -> None:
 
 
 def _axis_positions(p: dict, values: Sequence[Any]) -> tuple[np.ndarray, list, list]:
-  """Values -> [0, 1] on this parameter's axis, with tick positions and labels."""
-  if p['kind'] == 'categorical':
-    levels = [json.dumps(v) for v in p['values']]
-    extra = sorted({json.dumps(v) for v in values} - set(levels))
-    levels += extra  # e.g. a value pinned on the command line
-    step = 1 / (len(levels) - 1) if len(levels) > 1 else 0
-    where = {lv: (i * step if len(levels) > 1 else 0.5) for i, lv in enumerate(levels)}
-    ticks = list(where.values())
-    return (np.asarray([where[json.dumps(v)] for v in values]), ticks,
-            [str(json.loads(lv)) for lv in levels])
-  lo, hi = float(p['min']), float(p['max'])
-  f = np.log10 if p['log'] and lo > 0 else (lambda v: np.asarray(v, np.float64))
+  """Values -> [0, 1] on the axis of the parameter spec `p`, with tick positions and labels."""
+  if 'values' in p:  # searched, so two or more
+    where = dict(zip(map(json.dumps, p['values']), np.linspace(0, 1, len(p['values']))))
+    return (np.asarray([where[json.dumps(v)] for v in values]), list(where.values()),
+            [str(v) for v in p['values']])
+  # A normal distribution has no range: the drawn values span the axis.
+  lo, hi = float(p.get('min', min(values))), float(p.get('max', max(values)))
+  log = 'log' in p.get('distribution', '') and lo > 0
+  f = np.log10 if log else (lambda v: np.asarray(v, np.float64))
   a, b = f(lo), f(hi)
   span = (b - a) or 1.0
   tick_values = np.linspace(a, b, 5)
@@ -151,7 +136,7 @@ def _axis_positions(p: dict, values: Sequence[Any]) -> tuple[np.ndarray, list, l
           [f'{v:.3g}' for v in shown])
 
 
-def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], path: str) -> None:
+def plot_parallel_coordinates(records: Sequence[dict], params: dict[str, dict], path: str) -> None:
   runs = sorted(_scored(records), key=lambda r: r['best_val_acc'])  # best drawn last, on top
   fig = Figure(figsize=(1.6 * (len(params) + 1) + 2, 5))
   if not runs or not params:
@@ -160,10 +145,10 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
   lo, hi = float(acc.min()), float(acc.max())
   if hi - lo < 1e-9:
     lo, hi = lo - 0.01, hi + 0.01
-  acc_axis = {'name': 'val_acc', 'kind': 'numeric', 'min': lo, 'max': hi, 'log': False}
-  axes = list(params) + [acc_axis]
-  columns = [_axis_positions(p, [r['params'].get(p['name']) for r in runs]) for p in params]
-  columns.append(_axis_positions(acc_axis, acc))
+  axes = list(params) + ['val_acc']
+  columns = [_axis_positions(p, [r['params'].get(name) for r in runs])
+             for name, p in params.items()]
+  columns.append(_axis_positions({'min': lo, 'max': hi}, acc))
   norm = colors.Normalize(lo, hi)
   cmap = matplotlib.colormaps['viridis']
   ax = fig.add_subplot()
@@ -175,7 +160,7 @@ def plot_parallel_coordinates(records: Sequence[dict], params: Sequence[dict], p
     for tp, tl in zip(tick_pos, tick_labels):
       ax.text(x - 0.04, tp, tl, ha='right', va='center', fontsize=8,
               bbox={'facecolor': 'white', 'edgecolor': 'none', 'alpha': 0.7, 'pad': 0.5})
-  ax.set_xticks(xs, [p['name'] for p in axes], rotation=20, ha='right')
+  ax.set_xticks(xs, axes, rotation=20, ha='right')
   ax.set_xlim(-0.5, len(axes) - 0.7)
   ax.set_ylim(-0.05, 1.05)
   ax.set_yticks([])
@@ -259,7 +244,7 @@ def _cell(value: Any) -> str:
 
 def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[dict],
                      images: dict[str, str], best_block: str) -> str:
-  params = searched_parameters(spec)
+  params = sweep.searched_parameters(spec)
   ranked = _ranked(records)
   states = {s: sum(r['state'] == s for r in records) for s in ('finished', 'stopped', 'failed')}
   metric = spec.get('metric', {})
@@ -271,12 +256,12 @@ def summary_markdown(records: Sequence[dict], spec: dict, importance: Sequence[d
          f'epoch\'s validation accuracy (the checkpoint each run keeps).', '',
          f'## Top {min(TOP_RUNS, len(ranked))} runs', '']
   header = ['#', 'run', 'val_acc', 'final val_acc', 'best epoch', 'epochs', 'state',
-            'minutes'] + [p['name'] for p in params]
+            'minutes'] + list(params)
   out += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for i, r in enumerate(ranked[:TOP_RUNS]):
     cells = [i + 1, r['run'], r['best_val_acc'], r['final_val_acc'], r['best_epoch'],
              r['epochs'], r['state'], (r.get('wall_time_s') or 0) / 60]
-    cells += [r['params'].get(p['name']) for p in params]
+    cells += [r['params'].get(name) for name in params]
     out.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
   if best_block:
     out += ['', '## Best config', '',
@@ -303,8 +288,8 @@ def write_report(workdir: str) -> dict[str, str]:
   """Writes WORKDIR/report/ from the sweep's files and the runs' metrics; returns the paths."""
   records = sweep.read_results(workdir)
   spec = sweep.read_spec(workdir)['spec']
-  params = searched_parameters(spec)
-  importance = parameter_importance(records, params)
+  params = sweep.searched_parameters(spec)
+  importance = parameter_importance(records, list(params))
   out_dir = os.path.join(workdir, sweep.REPORT_DIR)
   paths = {name: os.path.join(out_dir, f'{name}.png') for name in (
       'val_acc_vs_created', 'parallel_coordinates', 'parameter_importance', 'val_acc_curves')}

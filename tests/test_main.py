@@ -153,3 +153,24 @@ def test_optimal_config_learns_real_photos(monkeys_dir, tmp_path):
   # after epochs 2-4 of seed 0).
   assert history[-1]['train_acc'] >= 0.4 and history[-1]['train_loss'] < history[0]['train_loss']
   assert summary['best_val_accuracy'] >= 0.45, summary
+
+
+def _files(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('mode', ['train', 'evaluate', 'predict', 'guided_bp'])
+def test_a_workdir_of_version_0_1_is_one_error_line_in_every_mode_and_left_as_it_is(
+    run_main, tmp_path, mode):
+  workdir = tmp_path / 'old'
+  (workdir / 'checkpoints' / 'latest' / '6').mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps(default.get_config().to_dict()))  # no version
+  before = _files(workdir)
+  status, err = run_main(f'--mode={mode}', f'--workdir={workdir}', 'photo.jpg'
+                         if mode == 'predict' else '--config.wandb_mode=disabled')
+  assert status == 2
+  assert err.strip() == (
+      f'error: {workdir} was written by version 0.1.x of this code, whose checkpoints version '
+      '0.2.0 does not read; it is left as it is. Train into a new --workdir, or use version 0.1 '
+      'for this one (CHANGELOG.md says how)')
+  assert _files(workdir) == before

@@ -305,31 +305,55 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_then_resumes_exactly
   assert _train_losses(workdir) == _train_losses(tmp_path / 'straight')
 
 
+class _LiveRun:
+  """A child process holding WORKDIR's lock: a training run as `lock` sees it."""
+
+  def __init__(self, workdir):
+    self.proc = subprocess.Popen([sys.executable, '-c', (
+        'import sys, time; sys.path.insert(0, sys.argv[1]); from cnn import lock\n'
+        'with lock.hold(sys.argv[2]):\n  print("held", flush=True); time.sleep(120)'),
+        ROOT, str(workdir)], stdout=subprocess.PIPE, text=True)
+    assert self.proc.stdout.readline().strip() == 'held'
+
+  def kill(self):
+    self.proc.kill()
+    self.proc.wait()
+
+
 def test_a_second_run_on_a_live_runs_workdir_is_refused_and_touches_nothing(config, tmp_path):
-  """A live run holds the lock (a child holding it stands in for one mid-training)."""
   from cnn import lock
   workdir = tmp_path / 'run'
   status, _, err = _main(config, workdir)
   assert status == 0, err[-2000:]
-  holder = subprocess.Popen([sys.executable, '-c', (
-      'import sys, time; sys.path.insert(0, sys.argv[1]); from cnn import lock\n'
-      'with lock.hold(sys.argv[2]):\n  print("held", flush=True); time.sleep(60)'),
-      ROOT, str(workdir)], stdout=subprocess.PIPE, text=True)
+  live = _LiveRun(workdir)
   try:
-    assert holder.stdout.readline().strip() == 'held'
     before = _files(workdir)
     status, out, err = _main(config, workdir, num_epochs=2)
     assert status == 2 and out == ''
     (line,) = err.splitlines()
     assert line.startswith(f'error: {workdir} is in use by another training run (pid '
-                           f'{holder.pid} on host '), line
+                           f'{live.proc.pid} on host '), line
     assert _files(workdir) == before  # byte for byte
-    assert lock.holder(str(workdir))['pid'] == holder.pid
+    assert lock.holder(str(workdir))['pid'] == live.proc.pid
   finally:
-    holder.kill()
-    holder.wait()
+    live.kill()
   status, out, err = _main(config, workdir, num_epochs=2)  # killed: the next run takes over
   assert status == 0 and 'taking over' in out, err[-2000:]
+
+
+def test_evaluate_beside_a_live_run_writes_only_its_own_files(trained_workdir, tmp_path, capsys):
+  from cnn import evaluate
+  workdir = pathlib.Path(conftest.copy_workdir(trained_workdir, tmp_path / 'run'))
+  live = _LiveRun(workdir)
+  try:
+    before = _files(workdir)
+    evaluate.evaluate(checkpoints.load_run_config(str(workdir)), str(workdir))
+    out = capsys.readouterr().out
+    assert f'left summary.json as it is: a training run holds {workdir}' in out
+    after = _files(workdir)
+    assert {k: v for k, v in after.items() if not k.startswith('evaluation/')} == before
+  finally:
+    live.kill()
 
 
 # ---------------------------------------------------------------------------- W&B

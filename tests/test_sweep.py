@@ -52,7 +52,7 @@ def ceiling(config) -> float:
 def analytic_train(config, workdir, *, epoch_callback=None):
   """A run without a model for the loop's bookkeeping: val_acc(e) = ceiling * (1 - 2**-e).
 
-  Writes config.json, metrics.jsonl and summary.json as cnn.train does and calls the
+  Writes config.json, metrics.jsonl and summary.json as cnn.runs does and calls the
   callback at the same point (after validation, before the epoch's metrics line).
   """
   os.makedirs(workdir, exist_ok=True)

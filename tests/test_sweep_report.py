@@ -68,18 +68,15 @@ def write_sweep(workdir, records: list[dict], spec: dict = SPEC) -> None:
         f.write(json.dumps({'epoch': e + 1, 'val_acc': acc}) + '\n')
 
 
-def test_searched_parameters_keep_the_varying_ones_with_their_kind():
-  params = sweep_report.searched_parameters(SPEC)
-  assert [(p['name'], p['kind']) for p in params] == [
-      ('kernel_size', 'categorical'), ('batch_norm', 'categorical'),
-      ('optimizer', 'categorical'), ('learning_rate', 'numeric')]
-  assert params[3]['log'] is True
+def test_searched_parameters_are_the_varying_ones():
+  assert list(sweep.searched_parameters(SPEC)) == [
+      'kernel_size', 'batch_norm', 'optimizer', 'learning_rate']
 
 
 def test_parameter_importance_and_correlation():
   records = synthetic_records()
   records.append({**records[0], 'run': 'failed', 'state': 'failed', 'best_val_acc': None})
-  rows = sweep_report.parameter_importance(records, sweep_report.searched_parameters(SPEC))
+  rows = sweep_report.parameter_importance(records, list(sweep.searched_parameters(SPEC)))
   by_name = {r['feature']: r for r in rows}
   # Numbers and booleans are one column each, strings one-hot; constant activation is left out.
   assert set(by_name) == {'kernel_size', 'batch_norm', 'learning_rate', 'optimizer=adam',
@@ -101,18 +98,18 @@ def test_parameter_importance_and_correlation():
 
 def test_importance_needs_three_runs_with_different_val_acc():
   rows = sweep_report.parameter_importance(synthetic_records(2),
-                                           sweep_report.searched_parameters(SPEC))
+                                           list(sweep.searched_parameters(SPEC)))
   assert rows and all(r['importance'] is None for r in rows)
   assert {r['feature']: r['correlation'] for r in rows}['kernel_size'] == pytest.approx(1.0)
 
 
 def test_axis_positions_categorical_and_log():
   pos, ticks, labels = sweep_report._axis_positions(
-      {'kind': 'categorical', 'values': [0.5, 1, 2]}, [2, 0.5, 1, 2])
+      {'values': [0.5, 1, 2]}, [2, 0.5, 1, 2])
   np.testing.assert_allclose(pos, [1.0, 0.0, 0.5, 1.0])
   assert labels == ['0.5', '1', '2'] and ticks == [0.0, 0.5, 1.0]
   pos, _, labels = sweep_report._axis_positions(
-      {'kind': 'numeric', 'min': 1e-4, 'max': 1e-2, 'log': True}, [1e-4, 1e-3, 1e-2])
+      SPEC['parameters']['learning_rate'], [1e-4, 1e-3, 1e-2])
   np.testing.assert_allclose(pos, [0.0, 0.5, 1.0])
   assert labels[0] == '0.0001' and labels[2] == '0.001' and labels[-1] == '0.01'
 
