@@ -1,5 +1,6 @@
 """The project installs as a regular package: `cnn` works without the checkout or `configs/`."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -29,14 +30,22 @@ print('RESULT ' + json.dumps({{'file': cnn.__file__, 'version': cnn.__version__,
 '''
 
 
+def _builds_wheels_here() -> bool:
+  """Whether this environment's setuptools builds a wheel by itself (70.1 and later do; earlier
+  ones need the `wheel` package); else pip fetches a build environment."""
+  try:
+    import setuptools
+  except ImportError:
+    return False
+  version = tuple(int(x) for x in setuptools.__version__.split('.')[:2])
+  return version >= (70, 1) or importlib.util.find_spec('wheel') is not None
+
+
 def _pip_install(source: pathlib.Path, target: pathlib.Path) -> None:
   """`pip install --no-deps --target`: no editable link back to the checkout."""
   cmd = [sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--target', str(target)]
-  try:
-    import setuptools  # noqa: F401 (builds offline with the environment's own setuptools)
-    cmd.append('--no-build-isolation')
-  except ImportError:
-    pass
+  if _builds_wheels_here():
+    cmd.append('--no-build-isolation')  # offline, with this environment's own setuptools
   r = subprocess.run(cmd + [str(source)], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
 
