@@ -30,7 +30,8 @@ class EpochBar:
     # Counted in steps, shown in images (unit_scale), so the rate is images per second.
     self._bar = tqdm.tqdm(total=self._spe, initial=done_steps, unit='img', unit_scale=self._batch,
                           desc=f'epoch {epoch}/{self._num_epochs}', file=self._stream,
-                          leave=False, disable=not self._stream.isatty(), mininterval=0)
+                          leave=False, disable=not self._stream.isatty(), mininterval=0,
+                          delay=self._interval)  # not drawn before its first update
     self._last = time.time()
 
   def update(self, step_in_epoch: int, sums) -> None:

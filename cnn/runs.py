@@ -219,7 +219,8 @@ class Run:
     self.progress.sums, self.progress.epoch_time_s = (0.0, 0.0, 0.0), 0.0
     self.writer.write(epoch, metrics)  # before the checkpoint: a resume never skips a line
     self.save_latest(state)
-    self.start_epoch(self._step)
+    if epoch < c.num_epochs and not stopping.stopped_early_by:
+      self.start_epoch(self._step)
     return bool(stopping.stopped_early_by)
 
   def validate(self, state: trainer.TrainState, epoch: int) -> dict[str, float]:
