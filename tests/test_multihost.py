@@ -144,3 +144,23 @@ def test_a_process_killed_hard_makes_the_other_exit_with_one_error_line(tiny_con
   assert rc0 == 2, err0[-2000:]
   (line,) = [x for x in err0.splitlines() if x.startswith('error:')]
   assert 'process 0 of 2 lost the rest of the run' in line and 'same command' in line
+
+
+@pytest.mark.slow
+def test_a_workdir_a_live_run_holds_refuses_both_processes(tiny_config, tmp_path):
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen([sys.executable, '-c', (
+      'import sys, time; sys.path.insert(0, sys.argv[1]); from cnn import lock\n'
+      'with lock.hold(sys.argv[2]):\n  print("held", flush=True); time.sleep(120)'),
+      str(ROOT), str(workdir)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    results = _two_processes(tiny_config, workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  for rc, _, err in results:
+    assert rc == 2, err[-2000:]
+    (line,) = [x for x in err.splitlines() if x.startswith('error:')]
+    assert f'{workdir} is in use by another training run' in line
+  assert sorted(p.name for p in workdir.iterdir()) == ['lock']  # nothing else was written
