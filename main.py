@@ -152,7 +152,8 @@ def run(argv: list[str]) -> int:
   try:
     return _leave(main(argv))
   except errors.DiskFullError as e:
-    return _leave(fail(e), now=True)  # before Orbax's threads say the same at shutdown
+    _silence_stderr()  # Orbax's threads would add a traceback for every array they lost
+    return _leave(fail(e), now=True)
   except (errors.UserError, app.UsageError) as e:
     return _leave(fail(e))
   except Exception as e:
@@ -166,6 +167,13 @@ def run(argv: list[str]) -> int:
         f'process {jax.process_index()} of {jax.process_count()} lost the rest of the run '
         f'({str(e).splitlines()[0][:200]}). Run the same command on every process to resume '
         'from the last checkpoint'))
+
+
+def _silence_stderr() -> None:
+  """From here on only this thread's sys.stderr reaches the terminal; fd 2 goes nowhere."""
+  sys.stderr.flush()
+  sys.stderr = os.fdopen(os.dup(2), 'w')
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def _multi_process() -> bool:

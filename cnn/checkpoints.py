@@ -14,6 +14,7 @@ is read back and checked before older steps are deleted, so the steps kept are t
 ones; a restore that finds the newest step damaged moves it aside and uses the one before.
 """
 
+import functools
 import gc
 import hashlib
 import json
@@ -125,10 +126,9 @@ def _save(folder: pathlib.Path, step: int, tree: Any, meta: dict, keep: int) -> 
   args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta),
                             checksum=ocp.args.JsonSave({'sha256': _checksum(tree)}))
   needed = sum(getattr(x, 'nbytes', 0) for x in jax.tree_util.tree_leaves(tree))
+  # What a failure leaves to resume from: the newest step of checkpoints/latest.
+  kept = functools.partial(kept_message, str(folder.parent.parent))
   with _manager(folder) as mngr:
-    earlier = [s for s in mngr.all_steps() if s != step]
-    kept = (f'the last good checkpoint (step {max(earlier)}) is kept' if earlier
-            else 'there is no earlier checkpoint')
     if step in mngr.all_steps():
       mngr.delete(step)  # the same step again (a preemption right after an epoch): newest wins
     with errors.disk_full_guard(str(folder), needed, kept, quiet=True):
@@ -139,7 +139,7 @@ def _save(folder: pathlib.Path, step: int, tree: Any, meta: dict, keep: int) -> 
       _sync()
       raise errors.WorkdirError(
           f'the checkpoint just saved at step {step} in {folder} does not read back ({reason}); '
-          f'moved to {dest}; {kept}. Check the disk, then run the same command again')
+          f'moved to {dest}; {kept()}. Check the disk, then run the same command again')
     steps = sorted(mngr.all_steps())
     for old in steps[:max(len(steps) - keep, 0)]:
       mngr.delete(old)

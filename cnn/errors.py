@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Callable, Iterator
 
 
@@ -47,6 +48,10 @@ def _free_mib(folder: str) -> float:
   return shutil.disk_usage(path).free / 2**20
 
 
+# How long a failed write's threads (Orbax's, TensorStore's) go on printing after it raised.
+_STRAGGLERS_S = 1.0
+
+
 class _HeldStderr:
   """What a block writes to stderr (Python, its threads, C++) held in a file, and written out at
   the end unless `drop` was called."""
@@ -61,6 +66,8 @@ class _HeldStderr:
     self._keep = False
 
   def __exit__(self, *exc):
+    if not self._keep:
+      time.sleep(_STRAGGLERS_S)  # threads of the failed write that are still printing
     sys.stderr.flush()
     os.dup2(self._saved, 2)
     os.close(self._saved)
