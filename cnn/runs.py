@@ -209,10 +209,11 @@ class Run:
     elapsed = time.time() - self._epoch_t0
     metrics = {'train_loss': loss_sum / count, 'train_acc': correct / count,
                'epoch_time_s': elapsed, 'images_per_second': count / elapsed}
-    metrics.update(self.validate(state, epoch))
+    val_metrics, validated = self.validate(state, epoch)
+    metrics.update(val_metrics)
     stopping = self.progress.stopping
     if stopping.update(epoch, metrics['val_acc'], c):
-      checkpoints.save_best(self.workdir, int(state.step), self._validated, {
+      checkpoints.save_best(self.workdir, int(state.step), validated, {
           'epoch': epoch, 'val_acc': metrics['val_acc'], 'class_names': self.data.class_names})
     if self.epoch_callback is not None and self.epoch_callback(epoch, metrics):
       stopping.stopped_early_by = 'callback'
@@ -223,14 +224,15 @@ class Run:
       self.start_epoch(self._step)
     return bool(stopping.stopped_early_by)
 
-  def validate(self, state: trainer.TrainState, epoch: int) -> dict[str, float]:
-    """Hold-out metrics of the eval-mode model (and the bn_gap diagnostic of the same model)."""
+  def validate(self, state: trainer.TrainState, epoch: int) -> tuple[dict[str, float], dict]:
+    """(hold-out metrics, the eval-mode variables they score); the bn_gap diagnostic is of the
+    same variables."""
     c, t0 = self.config, time.time()
-    self._validated = trainer.validated_variables(state, self.bn_images, c.batch_size)
-    metrics = trainer.bn_gap(state.model, self._validated, self.gap_arrays, c.batch_size) \
+    variables = trainer.validated_variables(state, self.bn_images, c.batch_size)
+    metrics = trainer.bn_gap(state.model, variables, self.gap_arrays, c.batch_size) \
         if c.bn_gap_images else {}
     holdout = (self.data.holdout_images, self.data.holdout_labels)
-    val_loss, val_acc = trainer.evaluate_arrays(state.model, self._validated, holdout,
+    val_loss, val_acc = trainer.evaluate_arrays(state.model, variables, holdout,
                                                 c.eval_batch_size, c.tta_flip)
     if not np.isfinite(val_loss):  # finite parameters that are useless: not a checkpoint to keep
       raise errors.TrainingDiverged(
@@ -238,7 +240,7 @@ class Run:
           f'{epoch}); {trainer.DIVERGED_ADVICE}')
     # eval_time_s includes precise BN (and the bn_gap diagnostic).
     return {**metrics, 'val_loss': val_loss, 'val_acc': val_acc, 'step': int(state.step),
-            'eval_time_s': time.time() - t0}
+            'eval_time_s': time.time() - t0}, variables
 
   def save_latest(self, state: trainer.TrainState) -> None:
     checkpoints.save_latest(self.workdir, state, self.progress.to_meta(),
@@ -334,7 +336,7 @@ def _summary(run: Run, state: trainer.TrainState) -> dict:
       'num_devices': jax.device_count(),
       'num_processes': jax.process_count(),
       'data_on_device': run.data_on_device,
-      **run.timing,
+      **{k: v for k, v in run.timing.items() if k != 'start'},
   }
 
 
@@ -458,7 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       run.timing['wall_time_s'] = time.time() - t_start
       _sync('metrics written')
       summary = _summary(run, state)
-      summary.pop('start')
       if is_main_process():
         checkpoints.write_json(os.path.join(workdir, 'summary.json'), summary)
       run.writer.write_summary(summary)
