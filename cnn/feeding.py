@@ -20,16 +20,22 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
+def _process_share(n: int) -> slice:
+  """This process's rows of a global batch of `n`."""
+  per_process, i = n // jax.process_count(), jax.process_index()
+  return slice(i * per_process, (i + 1) * per_process)
+
+
+def _split(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a global batch -> the global arrays split over the mesh."""
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Global numpy batch -> arrays split over the mesh; each host contributes its own slice."""
-  sharding = NamedSharding(mesh, P('data'))
-  n, i = jax.process_count(), jax.process_index()
-
-  def local(x):
-    per_host = x.shape[0] // n
-    return jax.make_array_from_process_local_data(sharding, x[i * per_host:(i + 1) * per_host])
-
-  return {k: local(v) for k, v in batch.items()}
+  share = _process_share(len(next(iter(batch.values()))))
+  return _split({k: v[share] for k, v in batch.items()}, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -44,11 +50,8 @@ class HostFeed:
 
   def __call__(self, idx: np.ndarray) -> dict[str, jax.Array]:
     """Gathers only this process's share of the global batch `idx`."""
-    share = len(idx) // jax.process_count()
-    mine = idx[jax.process_index() * share:(jax.process_index() + 1) * share]
-    sharding = NamedSharding(self._mesh, P('data'))
-    return {k: jax.make_array_from_process_local_data(sharding, v[mine])
-            for k, v in (('image', self._images), ('label', self._labels))}
+    mine = idx[_process_share(len(idx))]
+    return _split({'image': self._images[mine], 'label': self._labels[mine]}, self._mesh)
 
 
 class DeviceFeed:
